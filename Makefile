@@ -1,0 +1,38 @@
+# internvl-jax: every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+# One persistent XLA compilation cache shared by every process of a run.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+PYTEST_ARGS ?=
+
+.PHONY: venv venv-test test demo lint train-tpu clean
+
+$(VENV)/.runtime: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e '.[test,tpu]'
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-test: $(VENV)/.test
+
+test: venv-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m internvl_jax.demo
+
+lint: venv-test
+	$(PY) -m compileall -q internvl_jax tests benchmarks configs
+
+train-tpu:
+	bash launch/train_tpu.sh
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,14 @@
+"""Tiny InternVL for CPU tests and `make demo`: 300M-style ViT on 112 px tiles, InternLM2-style LLM."""
+from internvl_jax.config import Config, LLMConfig, MeshConfig, ModelConfig, RopeConfig, TrainConfig, VisionConfig
+
+
+def get_config() -> Config:
+    vision = VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, patch_size=14,
+                          image_size=112, norm_type="layer_norm", qkv_bias=True, qk_normalization=False)
+    llm = LLMConfig(family="internlm2", vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, intermediate_size=256, max_position_embeddings=4096,
+                    rope=RopeConfig(theta=1e6))
+    model = ModelConfig(vision=vision, llm=llm, template="internlm2-chat", max_dynamic_patch=6)
+    train = TrainConfig(stage="finetune", learning_rate=1e-3, weight_decay=0.01, warmup_steps=10,
+                        global_batch_size=8, max_seq_length=512, group_by_length=False)
+    return Config(name="tiny", model=model, mesh=MeshConfig(), train=train)

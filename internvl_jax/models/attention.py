@@ -1,0 +1,120 @@
+"""One attention API, three backends: XLA reference, TPU splash (Pallas), GPU cuDNN.
+
+Shapes: q [B, T, KV, G, hd] (query head h = kv·G + g, i.e. repeat-interleave GQA), k and v
+[B, S, KV, hd]. Segment ids [B, T] / [B, S] int32: tokens attend only within their segment, and
+segment 0 marks padding (or empty cache slots) that nobody attends to. With `causal`, query t
+sits at slot `q_offset + t` and sees kv slots ≤ its own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from internvl_jax.sharding import logical_to_spec
+
+BACKENDS = ("auto", "xla", "splash", "cudnn")
+SPLASH_BLOCK = 128
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` picks splash on TPU, cuDNN on GPU and the XLA reference elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend '{backend}' is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    platform = jax.devices()[0].platform
+    return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
+              kv_segment_ids: jax.Array, causal: bool, q_offset: jax.Array | int = 0,
+              backend: str = "xla", interpret: bool = False) -> jax.Array:
+    """Scaled dot-product attention; returns [B, T, KV, G, hd] in v's dtype."""
+    backend = resolve_backend(backend)
+    if backend == "splash" and q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0:
+        return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, interpret)
+    if backend == "cudnn":
+        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
+    return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset) -> jax.Array:
+    """Boolean [B, T, S]: same non-zero segment, and (causal) kv slot ≤ query slot."""
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    if causal:
+        q_slots = q_offset + jnp.arange(q_segment_ids.shape[1])
+        kv_slots = jnp.arange(kv_segment_ids.shape[1])
+        mask &= kv_slots[None, None, :] <= q_slots[None, :, None]
+    return mask
+
+
+def _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset):
+    b, t, kv, g, hd = q.shape
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset)[:, None]
+    out = jax.nn.dot_product_attention(q.reshape(b, t, kv * g, hd), k, v, mask=mask)
+    return out.reshape(b, t, kv, g, hd)
+
+
+def _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, interpret):
+    """Splash attention per (example, kv head) as MQA over the G query heads of the group.
+
+    Sequences are padded to a multiple of the block size with segment 0; q is pre-scaled since
+    the kernel applies no scale. Under a mesh, runs per shard (batch on data/fsdp, kv heads on
+    tensor) through shard_map.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    kernel_fn = functools.partial(_splash_local, causal=causal, interpret=interpret)
+    if mesh.empty:
+        return kernel_fn(q, k, v, q_segment_ids, kv_segment_ids)
+    q_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None, None), q.shape, mesh)
+    kv_spec = P(q_spec[0], None, q_spec[2], None)
+    seg_spec = P(q_spec[0], None)
+    return jax.shard_map(kernel_fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, kv, g, hd = q.shape
+    padded = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    pad = padded - t
+    q = jnp.pad(q * (1.0 / math.sqrt(hd)), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_seg = jnp.pad(q_segment_ids, ((0, 0), (0, pad)))
+    kv_seg = jnp.pad(kv_segment_ids, ((0, 0), (0, pad)))
+    head_mask = sm.CausalMask((padded, padded)) if causal else sm.FullMask((padded, padded))
+    block = sk.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
+                          block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
+                          block_kv_dkv_compute=SPLASH_BLOCK, block_q_dq=SPLASH_BLOCK,
+                          block_kv_dq=SPLASH_BLOCK)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([head_mask] * g), block_sizes=block,
+                                              interpret=interpret)
+
+    def one_group(q_g, k_g, v_g, segments):  # q_g [G, T, hd], k_g/v_g [T, hd]
+        return kernel(q_g, k_g, v_g, segment_ids=segments)
+
+    def one_example(q_b, k_b, v_b, q_seg_b, kv_seg_b):  # q_b [T, KV, G, hd]
+        segments = sk.SegmentIds(q=q_seg_b, kv=kv_seg_b)
+        per_group = jax.vmap(one_group, in_axes=(0, 0, 0, None))
+        out = per_group(q_b.transpose(1, 2, 0, 3), k_b.transpose(1, 0, 2), v_b.transpose(1, 0, 2), segments)
+        return out.transpose(2, 0, 1, 3)  # [T, KV, G, hd]
+
+    out = jax.vmap(one_example)(q, k, v, q_seg, kv_seg)
+    return out[:, :t].astype(v.dtype)
+
