@@ -29,3 +29,20 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+IMG_CONTEXT_ID = 1000
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The tiny model config with its image-context id set (tokenizer-free tests)."""
+    from internvl_jax.config import load_config
+    return load_config("tiny", [f"model.img_context_token_id={IMG_CONTEXT_ID}"]).model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """One randomly initialised tiny model (float32), shared by the whole session."""
+    from internvl_jax.models.params import create_model
+    return create_model(tiny_config, seed=0)

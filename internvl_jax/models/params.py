@@ -54,6 +54,13 @@ def _cast_state(state: nnx.State, trainable: nnx.filterlib.Filter, train_dtype, 
     return nnx.merge_state(cast(train_state, train_dtype), cast(frozen_state, frozen_dtype))
 
 
+def init_rngs(seed: int) -> nnx.Rngs:
+    """Initialisation keys. The rbg generator compiles ~6x faster than threefry on CPU; its
+    values depend on the sharding, so runs that must agree across meshes share a checkpoint,
+    not a seed."""
+    return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
 def create_model(config: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0,
                  trainable: nnx.filterlib.Filter = nnx.Param) -> InternVLChatModel:
     """Initialises a model; trainable params in `param_dtype`, the rest in `frozen_param_dtype`.
@@ -63,7 +70,7 @@ def create_model(config: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0
     train_dtype, frozen_dtype = jnp.dtype(config.param_dtype), jnp.dtype(config.frozen_param_dtype)
 
     def init_state():
-        model = InternVLChatModel(config, rngs=nnx.Rngs(seed))
+        model = InternVLChatModel(config, rngs=init_rngs(seed))
         return _cast_state(nnx.state(model), trainable, train_dtype, frozen_dtype)
 
     graphdef = nnx.graphdef(abstract_model(config, seed))

@@ -1,0 +1,7 @@
+"""mini_internvl_chat_4b_v1_5 finetune recipe (official shell/internvl1.5 hyper-parameters, spec §10)."""
+from internvl_jax.config import Config, load_config
+from internvl_jax.recipes import recipe
+
+
+def get_config() -> Config:
+    return recipe(load_config("mini_internvl_chat_4b_v1_5"), "mini_internvl_chat_4b_v1_5", "finetune")
