@@ -1,0 +1,54 @@
+"""Next-token cross-entropy over supervised tokens, computed in chunks of the sequence.
+
+The full [tokens × vocab] logits never exist at once: each chunk's logits are computed,
+reduced and (under remat) recomputed in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """targets[t] = labels[t + 1] within the same segment, else IGNORE_INDEX. [B, T] -> [B, T]."""
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    next_segment = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+    same = (next_segment == segment_ids) & (segment_ids != 0)
+    return jnp.where(same, shifted, IGNORE_INDEX)
+
+
+def chunked_cross_entropy(hidden: jax.Array, targets: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                          chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Sum of token losses and the number of supervised tokens.
+
+    hidden [B, T, D]; targets [B, T] int (IGNORE_INDEX = unsupervised); logits_fn maps
+    [B, c, D] -> float32 logits [B, c, V]. T is padded up to a multiple of the chunk size.
+    """
+    b, t, d = hidden.shape
+    chunk = min(chunk_size, t)
+    pad = -t % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    chunks = (t + pad) // chunk
+    hidden = hidden.reshape(b, chunks, chunk, d).swapaxes(0, 1)
+    targets = targets.reshape(b, chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h, y):
+        logits = logits_fn(h)
+        valid = y != IGNORE_INDEX
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, log_z - picked, 0.0)), jnp.sum(valid)
+
+    def body(carry, inputs):
+        loss, count = chunk_loss(*inputs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+                                     (hidden, targets))
+    return total, count
