@@ -202,21 +202,6 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     return config
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` that also accepts dotted paths as keys via `__` (a__b=1)."""
-    for key, value in changes.items():
-        config = _set_value(config, key.split("__"), value, key)
-    return config
-
-
-def _set_value(node: Any, path: list[str], value: Any, full_key: str) -> Any:
-    field = _field(node, path[0], full_key)
-    if len(path) == 1:
-        return dataclasses.replace(node, **{field.name: value})
-    child = _set_value(getattr(node, field.name), path[1:], value, full_key)
-    return dataclasses.replace(node, **{field.name: child})
-
-
 def _set_path(node: Any, path: list[str], raw: str, full_key: str) -> Any:
     field = _field(node, path[0], full_key)
     if len(path) == 1:

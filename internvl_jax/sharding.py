@@ -94,15 +94,16 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     return P(*spec)
 
 
+def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The NamedSharding of one Variable from its `axes` metadata (replicated without axes)."""
+    axes = getattr(variable, "axes", None)
+    shape = variable.get_value().shape
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh) if axes is not None else P())
+
+
 def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for every leaf of an (abstract) state, from each Variable's `axes`."""
-    def sharding_of(variable):
-        axes = getattr(variable, "axes", None) if isinstance(variable, nnx.Variable) else None
-        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-        if axes is None:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh))
-    return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """NamedShardings for a (possibly abstract) state: a prefix tree of its Variables."""
+    return jax.tree.map(lambda v: variable_sharding(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -111,3 +112,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def sharded_abstract_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """The state with every value a ShapeDtypeStruct carrying its mesh sharding.
+
+    This is the input of ahead-of-time compilation and the target of sharded restores.
+    """
+    def to_struct(variable):
+        value = variable.get_value()
+        return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=variable_sharding(variable, mesh)))
+    return jax.tree.map(to_struct, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
