@@ -158,6 +158,19 @@ class TrainConfig:
     group_by_length: bool = True
     loss_reduction: str = "micro_batch_token_mean"  # | global_token_mean
     save_every_steps: int = 200
+    # Added for the train loop (issue 5).
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global_batch_size counts all of them)
+    loss_group_rows: int = 0  # micro_batch_token_mean: rows per token-mean group (official: per-GPU batch); 0 = whole micro-batch
+    loss_chunk_size: int = 1024  # sequence positions per cross-entropy chunk
+    weight_decay_mask: str = "all"  # all (official: one DeepSpeed param group) | no_bias_norm
+    nonfinite_policy: str = "skip"  # skip (drop the update, count it) | raise
+    total_steps: int = 0  # 0 = epochs × data set size / global_batch_size
+    seed: int = 0
+    save_every_minutes: float = 0.0  # 0 = off; decided on process 0 and broadcast
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step's checkpoint; 0 = off
+    log_every_steps: int = 1
+    peak_tflops_per_device: float = 0.0  # for MFU; 0 = from the device kind when known
 
 
 @dataclasses.dataclass(frozen=True)

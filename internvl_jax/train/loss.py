@@ -23,10 +23,18 @@ def next_token_targets(labels: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 def chunked_cross_entropy(hidden: jax.Array, targets: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
                           chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """Sum of token losses and the number of supervised tokens.
+    """Sum of token losses and the number of supervised tokens (scalars); see `chunked_row_losses`."""
+    row_loss, row_count = chunked_row_losses(hidden, targets, logits_fn, chunk_size)
+    return jnp.sum(row_loss), jnp.sum(row_count)
+
+
+def chunked_row_losses(hidden: jax.Array, targets: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                       chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Per-row sums of token losses [B] float32 and supervised-token counts [B] int32.
 
     hidden [B, T, D]; targets [B, T] int (IGNORE_INDEX = unsupervised); logits_fn maps
     [B, c, D] -> float32 logits [B, c, V]. T is padded up to a multiple of the chunk size.
+    Rows are kept apart so callers can form any token-mean reduction (per micro-batch, per group).
     """
     b, t, d = hidden.shape
     chunk = min(chunk_size, t)
@@ -43,12 +51,12 @@ def chunked_cross_entropy(hidden: jax.Array, targets: jax.Array, logits_fn: Call
         valid = y != IGNORE_INDEX
         log_z = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, log_z - picked, 0.0)), jnp.sum(valid)
+        return jnp.sum(jnp.where(valid, log_z - picked, 0.0), axis=1), jnp.sum(valid, axis=1, dtype=jnp.int32)
 
     def body(carry, inputs):
         loss, count = chunk_loss(*inputs)
         return (carry[0] + loss, carry[1] + count), None
 
-    (total, count), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+    (total, count), _ = jax.lax.scan(body, (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)),
                                      (hidden, targets))
     return total, count

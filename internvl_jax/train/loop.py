@@ -1,0 +1,187 @@
+"""The train loop: resume-or-init, steps, metrics (JSONL, TensorBoard, progress bar), checkpoints, preemption.
+
+The data source is any iterator of per-process micro-batches (the batch contract of
+`internvl_jax.train.step`) with `get_state() -> dict` / `set_state(dict)`; `num_samples` (global
+sample count of one epoch) is needed only when `train.total_steps` is 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import time
+import warnings
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from internvl_jax.config import Config
+from internvl_jax.sharding import make_mesh, state_shardings
+from internvl_jax.train import flops
+from internvl_jax.train.checkpoint import Checkpointer
+from internvl_jax.train.optimizer import learning_rate_schedule
+from internvl_jax.train.state import TrainState, abstract_train_state, create_train_state
+from internvl_jax.train.step import TrainStep, device_batch, stack_micro_batches
+
+
+class DataIterator(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+def total_steps(config: Config, data: Any) -> int:
+    """`train.total_steps`, else ceil(epochs × samples / global batch) (the HF Trainer's count)."""
+    if config.train.total_steps > 0:
+        return config.train.total_steps
+    return math.ceil(config.train.epochs * data.num_samples / config.train.global_batch_size)
+
+
+class MetricLog:
+    """Process 0 writes each step once: `metrics.jsonl`, TensorBoard events, a tqdm bar with ETA.
+
+    On resume from step s, lines and events after s (written before a crash, after the last
+    checkpoint) are dropped, so replayed steps are not logged twice.
+    """
+
+    def __init__(self, workdir: pathlib.Path, start_step: int, total: int):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+        path = workdir / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
+            if path.exists() else []
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+        self._writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+        self._bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in metrics.items():
+            self._writer.add_scalar(f"train/{name}", value, step)
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+            self._bar.close()
+
+
+class PreemptionGuard:
+    """SIGTERM (or JAX's preemption sync point on pods) → save and stop, agreed by every process."""
+
+    def __init__(self):
+        self._requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._requested = True
+
+    def should_stop(self, step: int) -> bool:
+        stop = self._requested
+        if jax.process_count() > 1:
+            try:
+                stop = stop or multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no preemption service (not a TPU pod)
+                pass
+            stop = bool(multihost_utils.process_allgather(np.int32(stop)).max())
+        return stop
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    return {k: v.item() if hasattr(v, "item") else v for k, v in jax.device_get(metrics).items()}
+
+
+def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, mesh: jax.sharding.Mesh | None = None,
+          on_step_end: Callable[[int], None] | None = None) -> TrainState:
+    """Trains to `total_steps`, resuming from the latest checkpoint in `workdir` if any."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or make_mesh(config.mesh)
+    total = total_steps(config, data)
+    graphdef, target = abstract_train_state(config, total, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", config)
+    start = checkpointer.latest_step()
+    if start is None:
+        start, state = 0, nnx.state(create_train_state(config, total, mesh))
+    else:
+        state, data_state = checkpointer.restore(start, target)
+        data.set_state(data_state)
+    step_fn = TrainStep(graphdef, config.train, learning_rate_schedule(config.train, total),
+                        state_shardings(target, mesh), mesh)
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
+    log, guard = MetricLog(workdir, start, total), PreemptionGuard()
+    try:
+        for step in range(start + 1, total + 1):
+            began = time.perf_counter()
+            local = stack_micro_batches([next(data) for _ in range(config.train.grad_accum_steps)])
+            state, metrics = step_fn(state, device_batch(local, mesh))
+            metrics = _host_metrics(metrics)
+            seconds = time.perf_counter() - began
+            if step == start + 1:  # the first call compiled the step
+                _check_batch_size(config, local)
+                metrics["compile_seconds"] = step_fn.compile_seconds
+                seconds = max(seconds - step_fn.compile_seconds, 1e-9)
+            metrics.update(_throughput(config, local, metrics, seconds, peak))
+            _check(config, step, metrics)
+            log.write(step, metrics)
+            stop = guard.should_stop(step)
+            if checkpointer.due(step) or stop or step == total:
+                checkpointer.save(step, state, data.get_state())
+            if on_step_end is not None:
+                on_step_end(step)
+            if stop:
+                break
+    finally:
+        checkpointer.close()
+        log.close()
+        guard.close()
+    return nnx.merge(graphdef, state)
+
+
+def _throughput(config: Config, local: dict[str, np.ndarray], metrics: dict[str, Any], seconds: float,
+                peak: float | None) -> dict[str, float]:
+    """Step time, tokens/s and samples/s (global), and MFU when the device's peak is known."""
+    out = {"step_seconds": seconds, "tokens_per_second": metrics["tokens"] / seconds,
+           "samples_per_second": metrics["samples"] / seconds}
+    if peak:
+        # Each process holds an equal share of the global batch: its FLOPs over its own devices.
+        local_flops = flops.step_flops(config, local["segment_ids"], local["image_flags"])
+        out["mfu"] = local_flops / (seconds * peak * jax.local_device_count())
+    return out
+
+
+def _check(config: Config, step: int, metrics: dict[str, Any]) -> None:
+    """Non-finite policy (`skip` already dropped the update on device; `raise` stops) and warnings."""
+    if not metrics["finite"]:
+        message = f"step {step}: non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']}"
+        if config.train.nonfinite_policy == "raise":
+            raise FloatingPointError(message + " (train.nonfinite_policy=raise)")
+        warnings.warn(message + "; update skipped", RuntimeWarning)
+    if metrics["supervised_tokens"] == 0:
+        warnings.warn(f"step {step}: the batch has no supervised token (loss 0, no learning signal)",
+                      RuntimeWarning)
+
+
+def _check_batch_size(config: Config, local: dict[str, np.ndarray]) -> None:
+    """global_batch_size must equal micro-batches × rows per process × processes."""
+    grad_accum, rows = local["input_ids"].shape[:2]
+    if grad_accum * rows * jax.process_count() != config.train.global_batch_size:
+        raise ValueError(f"train.global_batch_size {config.train.global_batch_size} != grad_accum_steps "
+                         f"{grad_accum} × {rows} rows per process × {jax.process_count()} processes")
