@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any, Sequence
 
+from internvl_jax.data.config import DataConfig
+
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -143,6 +145,9 @@ class MeshConfig:
 class TrainConfig:
     """A recipe's optimisation and data settings (spec §10)."""
     stage: str = "finetune"  # pretrain | finetune | finetune_2nd | finetune_lora
+    # Initial weights: an HF checkpoint directory (official or transformers layout) or an earlier
+    # run's workdir (its latest checkpoint's model, e.g. stage 1 for stage 2). Empty = random init.
+    init_from: str = ""
     trainable: tuple[str, ...] = ("vision_model", "mlp1", "language_model")
     learning_rate: float = 4e-5
     weight_decay: float = 0.01
@@ -179,6 +184,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -26,6 +26,9 @@ from internvl_jax.config import Config, to_dict
 # repeat data, so it is refused. Every key of a `data` config group is included as well.
 DATA_KEYS = ("train.global_batch_size", "train.grad_accum_steps", "train.max_seq_length",
              "train.group_by_length", "train.epochs", "train.total_steps", "train.seed")
+# Data settings that only change how the same sample stream is produced (the pipeline's own
+# fingerprint guards the stream), so a resume may change them.
+DATA_KEYS_FREE = ("data.num_workers", "data.worker_buffer_size", "data.on_bad_line", "data.max_resample_tries")
 
 
 class IncompatibleCheckpoint(RuntimeError):
@@ -46,7 +49,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def check_compatible(saved_config: dict, config: Config) -> None:
     """Raises IncompatibleCheckpoint naming the first data/batch key whose value changed."""
     saved, current = _flatten(saved_config), _flatten(to_dict(config))
-    keys = list(DATA_KEYS) + sorted(k for k in set(saved) | set(current) if k.startswith("data."))
+    keys = list(DATA_KEYS) + sorted(k for k in set(saved) | set(current)
+                                    if k.startswith("data.") and k not in DATA_KEYS_FREE)
     for key in keys:
         if saved.get(key) != current.get(key):
             raise IncompatibleCheckpoint(

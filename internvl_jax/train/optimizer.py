@@ -31,7 +31,7 @@ def learning_rate_schedule(train: TrainConfig, total_steps: int) -> optax.Schedu
     """lr(count) for count = number of updates already applied: 0 → peak linearly, then cosine → 0."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    warmup = min(warmup_steps(train, total_steps), total_steps)
+    warmup = min(warmup_steps(train, total_steps), total_steps - 1)  # optax needs ≥ 1 cosine step
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=train.learning_rate,
                                               warmup_steps=warmup, decay_steps=total_steps, end_value=0.0)
 

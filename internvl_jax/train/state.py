@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from internvl_jax.config import Config
 from internvl_jax.models.params import create_model, trainable_filter
 from internvl_jax.sharding import sharded_abstract_state, state_shardings
+from internvl_jax.train.initial_weights import load_initial_weights
 from internvl_jax.train.optimizer import make_optimizer
 
 
@@ -36,10 +37,13 @@ def trainable_params(config: Config) -> nnx.filterlib.Filter:
     return trainable_filter(config.train.trainable, lora_only=lora.rank > 0 or lora.vision_rank > 0)
 
 
-def create_train_state(config: Config, total_steps: int, mesh: Mesh | None = None) -> TrainState:
-    """A freshly initialised state, every variable placed in its mesh sharding."""
+def create_train_state(config: Config, total_steps: int, mesh: Mesh | None = None,
+                       initial_weights: bool = True) -> TrainState:
+    """A fresh state (weights from `train.init_from` when set), every variable in its mesh sharding."""
     wrt = trainable_params(config)
     model = create_model(config.model, mesh=mesh, seed=config.train.seed, trainable=wrt)
+    if initial_weights and config.train.init_from:
+        load_initial_weights(model, config.model, config.train.init_from)
     key_data = jax.random.key_data(jax.random.key(config.train.seed))
     state = TrainState(model, make_optimizer(model, config.train, total_steps, wrt), key_data)
     if mesh is None:
@@ -50,7 +54,7 @@ def create_train_state(config: Config, total_steps: int, mesh: Mesh | None = Non
 
 def abstract_train_state(config: Config, total_steps: int, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs with their `mesh` shardings): a restore target."""
-    abstract = nnx.eval_shape(lambda: create_train_state(config, total_steps))
+    abstract = nnx.eval_shape(lambda: create_train_state(config, total_steps, initial_weights=False))
     graphdef, values = nnx.split(abstract)
     return graphdef, sharded_abstract_state(values, mesh)
 
