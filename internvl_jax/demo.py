@@ -31,13 +31,15 @@ log = logging.getLogger("internvl_jax.demo")
 class Schedule:
     train_samples: int = 3000
     test_samples: int = 240
-    stage1_steps: int = 60
-    stage2_steps: int = 700
+    stage1_steps: int = 40
+    stage2_steps: int = 450
     rows: int = 8
-    seq_len: int = 512
+    seq_len: int = 256
+    tiles_per_row: int = 8
+    workers: int = 1
 
 
-QUICK = Schedule(train_samples=120, test_samples=24, stage1_steps=2, stage2_steps=3, rows=2, seq_len=256)
+QUICK = Schedule(train_samples=120, test_samples=24, stage1_steps=2, stage2_steps=3, rows=2, workers=0)
 
 
 def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathlib.Path, dict]:
@@ -60,7 +62,8 @@ def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathli
 
 def stage_configs(meta: pathlib.Path, tokenizer_dir: pathlib.Path, stage1_dir: pathlib.Path, schedule: Schedule,
                   overrides: list[str]) -> tuple[Config, Config]:
-    common = [f"data.meta_path={meta}", f"data.tokenizer_path={tokenizer_dir}", "data.num_workers=0",
+    common = [f"data.meta_path={meta}", f"data.tokenizer_path={tokenizer_dir}", f"data.num_workers={schedule.workers}",
+              f"data.max_tiles_per_row={schedule.tiles_per_row}",
               f"train.max_seq_length={schedule.seq_len}", f"train.global_batch_size={schedule.rows}",
               "train.save_every_steps=0", "train.group_by_length=false", *overrides]
     stage1 = load_config("tiny", common + ["train.stage=pretrain", "train.trainable=vision_model,mlp1",
