@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 PYTEST_ARGS ?=
 
-.PHONY: venv venv-test test demo lint train-tpu clean
+.PHONY: venv venv-test test demo lint validate-data train-tpu clean
 
 $(VENV)/.runtime: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: venv-test
 
 demo: venv
 	$(PY) -m internvl_jax.demo
+
+# Data report: make validate-data META=path/meta.json TOKENIZER=path/to/tokenizer_dir [VALIDATE_ARGS=...]
+validate-data: venv
+	$(PY) -m internvl_jax.data.validate $(META) --tokenizer $(TOKENIZER) $(VALIDATE_ARGS)
 
 lint: venv-test
 	$(PY) -m compileall -q internvl_jax tests benchmarks configs
