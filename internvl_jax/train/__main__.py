@@ -2,8 +2,8 @@
 
 The data come from `data.meta_path` (official meta JSON) tokenised with `data.tokenizer_path`;
 the image-context id is read from that tokenizer. A run in an existing workdir resumes from its
-latest checkpoint. Multi-host: set `--coordinator host:port --num-processes N --process-id I`
-(TPU pods need none of them).
+latest checkpoint. Multi-host: `--distributed` on TPU pods (peers found from the TPU metadata),
+or `--coordinator host:port --num-processes N --process-id I` elsewhere.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe name in configs/ or a path to a recipe file")
     parser.add_argument("--workdir", default=None, help="checkpoints and logs (default: runs/<config name>)")
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed with auto-detected peers (TPU)")
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 for jax.distributed")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
@@ -45,8 +46,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-    if args.coordinator or jax.default_backend() == "tpu" and args.num_processes:
+    if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
     config = load_config(args.config, args.overrides)
     if not config.data.meta_path or not config.data.tokenizer_path:
         raise ConfigError("set data.meta_path=<meta.json> and data.tokenizer_path=<dir with the tokenizer files>")
