@@ -1,0 +1,13 @@
+"""`make demo` end to end on a shortened schedule: data, tokenizer, stage 1, stage 2, evaluation."""
+import json
+
+from internvl_jax import demo
+
+
+def test_demo_quick(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path), "--quick"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {row["type"] for row in results["results"]} >= {"shape", "colour", "count", "position", "word"}
+    assert all(0.0 <= row["accuracy"] <= 1.0 and 0 < row["chance"] < 1 for row in results["results"])
+    assert (tmp_path / "stage2" / "metrics.jsonl").exists()
+    assert "blank-image control" in capsys.readouterr().out
