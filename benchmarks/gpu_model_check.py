@@ -22,7 +22,7 @@ from flax import nnx
 from internvl_jax.config import load_config
 from internvl_jax.models.attention import attention
 from internvl_jax.models.params import create_model, count_params
-from internvl_jax.train.loss import chunked_cross_entropy, next_token_targets
+from internvl_jax.train.loss import mean_batch_loss
 
 
 def attention_parity(length: int = 1024) -> float:
@@ -87,14 +87,7 @@ def train_step_mfu(peak_tflops: float, quick: bool, remat: str = "full") -> dict
                  pixel_values=jnp.asarray(rng.integers(0, 256, (tiles, 448, 448, 3)), jnp.uint8),
                  image_flags=jnp.ones(tiles, jnp.int32))
 
-    def loss_fn(model, batch):
-        hidden = model(batch["input_ids"], batch["pixel_values"], batch["image_flags"], batch["segment_ids"],
-                       batch["positions"], return_hidden=True)
-        total, count = chunked_cross_entropy(hidden, next_token_targets(batch["labels"], batch["segment_ids"]),
-                                             model.language_model.logits, chunk_size=1024)
-        return total / count
-
-    step = nnx.jit(nnx.value_and_grad(loss_fn))
+    step = nnx.jit(nnx.value_and_grad(mean_batch_loss))
     t0 = time.perf_counter()
     loss, grads = step(model, batch)
     jax.block_until_ready(grads)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from internvl_jax.config import load_config
 from internvl_jax.models.params import count_params, create_model
-from internvl_jax.train.loss import chunked_cross_entropy, next_token_targets
+from internvl_jax.train.loss import mean_batch_loss
 
 
 def make_inputs(config, rows: int, length: int, tiles: int) -> dict:
@@ -36,11 +36,7 @@ def make_inputs(config, rows: int, length: int, tiles: int) -> dict:
 
 
 def loss_fn(model, batch):
-    hidden = model(batch["input_ids"], batch["pixel_values"], batch["image_flags"], batch["segment_ids"],
-                   batch["positions"], return_hidden=True)
-    total, count = chunked_cross_entropy(hidden, next_token_targets(batch["labels"], batch["segment_ids"]),
-                                         model.language_model.logits, chunk_size=512)
-    return total / jnp.maximum(count, 1)
+    return mean_batch_loss(model, batch, chunk_size=512)
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, float]:

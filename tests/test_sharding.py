@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from internvl_jax.config import MeshConfig
 from internvl_jax.models.params import abstract_model, create_model
 from internvl_jax.sharding import logical_to_spec, make_mesh, state_shardings
-from internvl_jax.train.loss import chunked_cross_entropy, next_token_targets
+from internvl_jax.train.loss import mean_batch_loss
 from test_model import make_batch
 
 REPLICATION_THRESHOLD = 4096  # elements; anything larger must be split over some mesh axis
@@ -78,11 +78,7 @@ def test_optimizer_state_follows_parameter_shardings(sharded_model, mesh):
 
 
 def loss_fn(model, batch):
-    hidden = model(batch["input_ids"], batch["pixel_values"], batch["image_flags"], batch["segment_ids"],
-                   batch["positions"], return_hidden=True)
-    targets = next_token_targets(batch["labels"], batch["segment_ids"])
-    total, count = chunked_cross_entropy(hidden, targets, model.language_model.logits, chunk_size=16)
-    return total / jnp.maximum(count, 1)
+    return mean_batch_loss(model, batch, chunk_size=16)
 
 
 def make_train_batch(config, rows=4):

@@ -8,8 +8,11 @@ anything, so a pipeline can count how many samples differ from the reference.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from typing import Iterator
+
 from PIL import ExifTags, Image, ImageOps
 
 # 64 Mpx (e.g. 8192×8192): far above anything tiling needs (12 tiles of 448² ≈ 2.4 Mpx) and
@@ -42,8 +45,9 @@ def _source_name(source: ImageSource) -> str:
     return os.fspath(source)
 
 
-def _decode(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
-    """Open, check the header's pixel count, then decode the first frame in its stored mode."""
+@contextlib.contextmanager
+def opened_image(source: ImageSource, name: str) -> Iterator[Image.Image]:
+    """`Image.open` (header only) with every failure mapped to an ImageError naming the file."""
     stream = io.BytesIO(bytes(source)) if isinstance(source, _IN_MEMORY) else source
     try:
         image_file = Image.open(stream)
@@ -56,6 +60,12 @@ def _decode(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
     except OSError as error:
         raise ImageError(name, "unreadable", f"{type(error).__name__}: {error}") from error
     with image_file:
+        yield image_file
+
+
+def _decode(source: ImageSource, name: str, max_pixels: int) -> Image.Image:
+    """Open, check the header's pixel count, then decode the first frame in its stored mode."""
+    with opened_image(source, name) as image_file:
         width, height = image_file.size
         # The header alone gives the size; refuse before any pixel is decompressed.
         if width * height > max_pixels:

@@ -12,7 +12,6 @@ callers can count, log, resample or stop, and never train on a silently wrong sa
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from PIL import ExifTags, Image
 
 from internvl_jax.data.conversation import (
     SampleError, SampleErrorReason, Template, get_template, max_tiles_per_image, preprocess)
-from internvl_jax.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from internvl_jax.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, opened_image
 from internvl_jax.data.sources import DataError, DatasetSpec, ImageRef, Record, Size
 from internvl_jax.data.tiling import jpeg_recompress, num_tiles, tile_image, tiles_to_array
 from internvl_jax.data.tokenizer import IMG_CONTEXT_TOKEN, Tokenizer
@@ -148,18 +147,9 @@ def _read_target(ref: ImageRef, name: str):
 def _header_size(ref: ImageRef, name: str, spec: SampleSpec) -> Size:
     """(width, height) from the file header alone, as :func:`load_image` would decode it."""
     target = _read_target(ref, name)
-    try:
-        with Image.open(io.BytesIO(target) if isinstance(target, bytes) else target) as image:
-            width, height = image.size
-            orientation = image.getexif().get(ExifTags.Base.Orientation) if spec.exif_transpose else None
-    except FileNotFoundError as error:
-        raise ImageError(name, "missing", "no such file") from error
-    except Image.DecompressionBombError as error:
-        raise ImageError(name, "too_many_pixels", str(error)) from error
-    except Image.UnidentifiedImageError as error:
-        raise ImageError(name, "corrupt", "not a recognised image format") from error
-    except OSError as error:
-        raise ImageError(name, "unreadable", f"{type(error).__name__}: {error}") from error
+    with opened_image(target, name) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ExifTags.Base.Orientation) if spec.exif_transpose else None
     if width * height > spec.max_pixels:
         raise ImageError(name, "too_many_pixels", f"{width}x{height} = {width * height} pixels > limit "
                                                   f"{spec.max_pixels}")

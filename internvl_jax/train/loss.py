@@ -60,3 +60,12 @@ def chunked_row_losses(hidden: jax.Array, targets: jax.Array, logits_fn: Callabl
     (total, count), _ = jax.lax.scan(body, (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)),
                                      (hidden, targets))
     return total, count
+
+
+def mean_batch_loss(model, batch: dict, chunk_size: int = 1024) -> jax.Array:
+    """Token-mean next-token loss of one batch (the batch contract's fields), for benchmarks and checks."""
+    hidden = model(batch["input_ids"], batch["pixel_values"], batch["image_flags"], batch["segment_ids"],
+                   batch["positions"], return_hidden=True)
+    targets = next_token_targets(batch["labels"], batch["segment_ids"])
+    total, count = chunked_cross_entropy(hidden, targets, model.language_model.logits, chunk_size=chunk_size)
+    return total / jnp.maximum(count, 1)
