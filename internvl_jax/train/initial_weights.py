@@ -5,6 +5,8 @@ Values are placed into the freshly created model's variables, keeping each varia
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -19,7 +21,8 @@ def _abstract(state: nnx.State) -> nnx.State:
 
 def load_initial_weights(model: nnx.Module, config: ModelConfig, path: str) -> None:
     """Overwrites `model`'s parameters from `path` (HF checkpoint dir or run workdir)."""
-    root = epath.Path(path)
+    # orbax needs absolute paths; a relative local path is taken from the working directory.
+    root = epath.Path(path if "://" in path else os.path.abspath(path))
     if (root / "config.json").exists():
         _load_hf(model, config, root)
     else:
