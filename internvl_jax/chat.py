@@ -115,7 +115,9 @@ def _generate_answers(model, tokenizer: Tokenizer, template: Template, prompts: 
                              chunk=STREAM_CHUNK if streamer else None)
     for new_tokens in pieces:
         for row, new in enumerate(new_tokens):
-            ids[row].extend(new)
+            # Ids past the tokenizer (a model vocabulary padded beyond it, as Phi-3's 32064 over
+            # 32011) have no text; they decode to nothing instead of failing the whole batch.
+            ids[row].extend(token for token in new if token < tokenizer.vocab_size)
         if streamer is not None:
             shown = _stream_text(tokenizer.decode(ids[0]), shown, streamer)
     answers = [parse_response(template, tokenizer.decode(row)) for row in ids]

@@ -168,6 +168,7 @@ class TrainConfig:
     loss_group_rows: int = 0  # micro_batch_token_mean: rows per token-mean group (official: per-GPU batch); 0 = whole micro-batch
     loss_chunk_size: int = 1024  # sequence positions per cross-entropy chunk
     weight_decay_mask: str = "all"  # all (official: one DeepSpeed param group) | no_bias_norm
+    lr_multipliers: tuple[str, ...] = ()  # per-group lr factors, e.g. mlp1=10,vision_model=2 (official: none)
     nonfinite_policy: str = "skip"  # skip (drop the update, count it) | raise
     total_steps: int = 0  # 0 = epochs × data set size / global_batch_size
     seed: int = 0
@@ -176,6 +177,19 @@ class TrainConfig:
     keep_every: int = 0  # also keep every K-th step's checkpoint; 0 = off
     log_every_steps: int = 1
     peak_tflops_per_device: float = 0.0  # for MFU; 0 = from the device kind when known
+    # jax.profiler trace of profile_num_steps steps from profile_start_step (0 = off) into workdir/profile.
+    profile_start_step: int = 0
+    profile_num_steps: int = 3
+    # In-training evaluation every eval_every_steps steps (0 = off) and at the last step: greedy
+    # generation on the benchmarks named as for `python -m internvl_jax.eval` (e.g. `jsonl:val.jsonl`,
+    # `textvqa`), scored with their official metrics; results under workdir/eval/step_N/.
+    eval_every_steps: int = 0
+    eval_benchmarks: tuple[str, ...] = ()
+    eval_data_dir: str = ""
+    eval_preset: str = "official"
+    eval_settings: tuple[str, ...] = ()  # as on the eval command line: max_new_tokens=8, generation.top_p=0.9, ...
+    eval_limit: int = 256  # samples per benchmark; 0 = all
+    eval_batch_size: int = 8
 
 
 @dataclasses.dataclass(frozen=True)

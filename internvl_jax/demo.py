@@ -6,6 +6,8 @@
 4. Evaluates on the held-out split with greedy generation: accuracy per question type beside
    its chance level, and a control where every image is replaced by a blank one of the same
    size — image questions must fall to about chance there, so text priors alone cannot pass.
+5. Exports the trained model to the official HF layout (`<out>/hf`), ready for
+   `python -m internvl_jax.chat` and `python -m internvl_jax.eval`.
 
     python -m internvl_jax.demo [--out demo_out] [--quick] [key=value ...]
 """
@@ -37,6 +39,11 @@ class Schedule:
     seq_len: int = 256
     tiles_per_row: int = 8
     workers: int = 1
+    max_image_side: int = 896
+    questions_per_image: int = 1
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 1e-3
+    stage2_warmup: int = 30
 
 
 QUICK = Schedule(train_samples=120, test_samples=24, stage1_steps=2, stage2_steps=3, rows=2, workers=0)
@@ -48,9 +55,12 @@ def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathli
     from internvl_jax.data.synthetic import write_synthetic_vqa
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
     stamp = out / "prepared.json"
-    wanted = {"train": schedule.train_samples, "test": schedule.test_samples}
+    wanted = {"train": schedule.train_samples, "test": schedule.test_samples, "max_side": schedule.max_image_side,
+              "questions": schedule.questions_per_image}
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
-        meta = write_synthetic_vqa(data_dir, schedule.train_samples, schedule.test_samples, seed=0)
+        meta = write_synthetic_vqa(data_dir, schedule.train_samples, schedule.test_samples, seed=0,
+                                   image_sizes=(64, schedule.max_image_side),
+                                   train_questions_per_image=schedule.questions_per_image)
         texts = [turn["value"] for path in (data_dir / "train.jsonl",) for line in path.read_text().splitlines()
                  for turn in json.loads(line)["conversations"]]
         build_tokenizer(texts, tokenizer_dir, vocab_size=600)
@@ -62,16 +72,18 @@ def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathli
 
 def stage_configs(meta: pathlib.Path, tokenizer_dir: pathlib.Path, stage1_dir: pathlib.Path, schedule: Schedule,
                   overrides: list[str]) -> tuple[Config, Config]:
+    """The two stages' configs; the user's overrides come last, so they win over the schedule's."""
     common = [f"data.meta_path={meta}", f"data.tokenizer_path={tokenizer_dir}", f"data.num_workers={schedule.workers}",
               f"data.max_tiles_per_row={schedule.tiles_per_row}",
               f"train.max_seq_length={schedule.seq_len}", f"train.global_batch_size={schedule.rows}",
-              "train.save_every_steps=0", "train.group_by_length=false", *overrides]
+              "train.save_every_steps=0", "train.group_by_length=false"]
     stage1 = load_config("tiny", common + ["train.stage=pretrain", "train.trainable=vision_model,mlp1",
-                                           f"train.total_steps={schedule.stage1_steps}", "train.learning_rate=2e-3",
-                                           "train.warmup_steps=5"])
+                                           f"train.total_steps={schedule.stage1_steps}",
+                                           f"train.learning_rate={schedule.stage1_lr}", "train.warmup_steps=5",
+                                           *overrides])
     stage2 = load_config("tiny", common + ["train.stage=finetune", f"train.total_steps={schedule.stage2_steps}",
-                                           f"train.init_from={stage1_dir}", "train.learning_rate=1e-3",
-                                           "train.warmup_steps=30"])
+                                           f"train.init_from={stage1_dir}", f"train.learning_rate={schedule.stage2_lr}",
+                                           f"train.warmup_steps={schedule.stage2_warmup}", *overrides])
     return stage1, stage2
 
 
@@ -158,6 +170,8 @@ def main(argv=None) -> None:
     run_stage(stage2, out / "stage2", tokenizer)
     trained = time.perf_counter()
     model, config = load_trained(stage2, out / "stage2", tokenizer)
+    from internvl_jax.convert.export import export_model
+    export_model(model, out / "hf", tokenizer=tokenizer, overwrite=True)
     real = evaluate(model, tokenizer, config, meta.parent, blank=False)
     blank = evaluate(model, tokenizer, config, meta.parent, blank=True)
     rows = report(real, blank, synthetic_meta)
@@ -166,6 +180,12 @@ def main(argv=None) -> None:
                                                       **timing), indent=2))
     print(f"\n[demo] training {timing['train_seconds']:.0f} s, evaluation {timing['eval_seconds']:.0f} s; "
           f"results in {out / 'results.json'}")
+    questions = meta.parent / "test_qa.jsonl"
+    image = next(row["image"] for row in map(json.loads, questions.read_text().splitlines()) if "image" in row)
+    print(f"[demo] the trained model in the official HF layout: {out / 'hf'}; try\n"
+          f"  python -m internvl_jax.chat --checkpoint {out / 'hf'} --image {meta.parent / image}\n"
+          f"  python -m internvl_jax.eval --checkpoint {out / 'hf'} --benchmarks jsonl:{questions} "
+          f"--out {out / 'eval'} max_new_tokens=8")
 
 
 if __name__ == "__main__":

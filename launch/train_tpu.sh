@@ -36,6 +36,9 @@ trap 'rm -f "$archive"' EXIT
 run git archive --format=tar.gz -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$TPU_NAME:internvl-jax.tar.gz" --worker=all
 run "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="mkdir -p $REMOTE_DIR && tar -xzf internvl-jax.tar.gz -C $REMOTE_DIR && cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[tpu,gcs]'"
+# Start-up self-test on every worker (rendezvous, jax.distributed, an all-gather over every chip):
+# a worker that does not come up is named within the timeout instead of the others hanging.
+run "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd $REMOTE_DIR && .venv/bin/python -m internvl_jax.distributed --distributed"
 # Every worker runs the same command; jax.distributed finds its peers from the TPU metadata.
 run "${tpu[@]}" ssh "$TPU_NAME" --worker=all --command="cd $REMOTE_DIR && .venv/bin/python -m internvl_jax.train --distributed --config $CONFIG --workdir $WORKDIR $OVERRIDES"
 

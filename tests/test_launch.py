@@ -28,7 +28,8 @@ def test_creates_syncs_installs_and_runs_on_all_workers(tmp_path):
     ssh = [c for c in calls if " ssh " in c]
     assert scp and all("--worker=all" in c for c in scp + ssh)
     assert "pip install" in ssh[0] and "constraints.txt" in ssh[0]
-    assert "-m internvl_jax.train --distributed --config tiny --workdir gs://bucket/run train.total_steps=3" in ssh[1]
+    assert "-m internvl_jax.distributed --distributed" in ssh[1]  # the start-up self-test, before training
+    assert "-m internvl_jax.train --distributed --config tiny --workdir gs://bucket/run train.total_steps=3" in ssh[2]
 
 
 def test_reuses_an_existing_vm(tmp_path):

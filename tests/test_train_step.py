@@ -11,7 +11,7 @@ from conftest import IMG_CONTEXT_ID
 from internvl_jax.config import MeshConfig, load_config
 from internvl_jax.sharding import make_mesh, state_shardings
 from internvl_jax.train.loss import IGNORE_INDEX
-from internvl_jax.train.optimizer import learning_rate_schedule, weight_decay_mask
+from internvl_jax.train.optimizer import learning_rate_schedule, make_transform, weight_decay_mask
 from internvl_jax.train.state import create_train_state
 from internvl_jax.train.step import TrainStep, device_batch, stack_micro_batches
 
@@ -107,6 +107,22 @@ def test_weight_decay_mask(tiny_model):
     assert names[("mlp1", "fc1", "kernel", "value")] and not names[("mlp1", "fc1", "bias", "value")]
     assert not names[("mlp1", "norm", "scale", "value")]
     assert not any(flag for name, flag in names.items() if "attn_norm" in name)
+
+
+def test_per_group_learning_rate_multipliers(tiny_model):
+    config = small_config("train.lr_multipliers=mlp1=10,vision_model=0", "train.warmup_steps=1",
+                          "train.weight_decay=0", "train.max_grad_norm=0")
+    transform = make_transform(config.train, 6)
+    params = nnx.state(tiny_model, nnx.Param)
+    opt_state = transform.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(2):  # the first update has lr 0 (warmup from 0)
+        updates, opt_state = transform.update(grads, opt_state, params)
+    step = {group: float(jnp.max(jnp.abs(jnp.concatenate([u.ravel() for u in jax.tree.leaves(updates[group])]))))
+            for group in ("vision_model", "mlp1", "language_model")}
+    assert step["vision_model"] == 0.0 and step["mlp1"] == pytest.approx(10 * step["language_model"], rel=1e-5)
+    with pytest.raises(ValueError, match="lr_multipliers.*'encoder=2'"):
+        make_transform(small_config("train.lr_multipliers=encoder=2").train, 6)
 
 
 def test_nonfinite_gradients_skip_the_update():

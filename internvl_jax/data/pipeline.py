@@ -236,8 +236,9 @@ class _ProcessBatches:
         if rows[0] is None:
             return {"end": True, "drops": mine}
         first = pipeline.process_index * pipeline.rows
-        batch, counts, load_drops = self._assemble(rows[first:first + pipeline.rows])
-        return {"end": False, "batch": batch, "counts": counts, "drops": mine + load_drops, "state": state}
+        batch, samples, counts, load_drops = self._assemble(rows[first:first + pipeline.rows])
+        return {"end": False, "batch": batch, "samples": samples, "counts": counts, "drops": mine + load_drops,
+                "state": state}
 
     def _new_planner(self) -> Planner:
         pipeline, data = self._pipeline, self._pipeline.data
@@ -259,13 +260,13 @@ class _ProcessBatches:
         self._next += 1
         return rows, drops
 
-    def _assemble(self, rows: Sequence[list[Planned] | None]) -> tuple[Batch, dict, list]:
-        """Loads the rows' samples into one batch; returns it, its counts and load failures."""
+    def _assemble(self, rows: Sequence[list[Planned] | None]) -> tuple[Batch, list[str], dict, list]:
+        """Loads the rows' samples into one batch; returns it, its samples' ids, its counts and load failures."""
         pipeline, spec = self._pipeline, self._pipeline.spec
         batch = empty_batch(pipeline.rows, spec.max_length, pipeline.tile_budget, spec.image_size)
         counts = collections.Counter(batches=1, rows=pipeline.rows, token_slots=pipeline.rows * spec.max_length,
                                      tile_slots=pipeline.tile_budget)
-        drops, tile = [], 0
+        drops, samples, tile = [], [], 0
         for row_index, row in enumerate(rows):
             cursor, segment = 0, 0
             for item in row or ():
@@ -277,6 +278,7 @@ class _ProcessBatches:
                     drops.append((drop.where, drop.reason, drop.detail))
                     continue
                 segment += 1
+                samples.append(item.record.where)
                 span = slice(cursor, cursor + item.measured.num_tokens)
                 batch["input_ids"][row_index, span] = item.measured.input_ids
                 batch["labels"][row_index, span] = item.measured.labels
@@ -290,7 +292,7 @@ class _ProcessBatches:
                               truncated=int(item.measured.truncated), resampled=int(item.attempt > 0),
                               images_changed=changed)
             batch["num_samples"][row_index] = segment
-        return batch, dict(counts), drops
+        return batch, samples, dict(counts), drops
 
     def _augment_rng(self, item: Planned) -> np.random.Generator | None:
         if not self._pipeline.mixture.specs[item.record.dataset].data_augment:
@@ -304,7 +306,8 @@ class PipelineIterator:
 
     ``get_state()`` is the position after the last batch returned (JSON-able, equal on every
     process); ``set_state`` or ``DataPipeline.iterator(state)`` resumes there. ``stats`` counts
-    what was handed out. Call ``close()`` (or use ``with``) to stop the workers.
+    what was handed out; ``last_samples`` lists the ids (``file:line``) of the last batch's samples
+    in row order. Call ``close()`` (or use ``with``) to stop the workers.
     """
 
     def __init__(self, pipeline: DataPipeline, state: dict):
@@ -312,6 +315,7 @@ class PipelineIterator:
         self._state = state
         self._iterator = None
         self.stats = PipelineStats()
+        self.last_samples: list[str] = []
         self._open(pipeline.check_state(state))
 
     def _open(self, start: PlanState) -> None:
@@ -344,6 +348,7 @@ class PipelineIterator:
             self.close()
             raise StopIteration
         self._state = element["state"]
+        self.last_samples = element["samples"]
         self.stats.add(element["counts"])
         return element["batch"]
 

@@ -9,6 +9,9 @@ Output layout under `out_dir`:
   images/{split}/{index:06d}.{png,jpg}
   {split}.jsonl             one sample per line (id, image, width, height, conversations,
                             question_type); text rows have no image keys
+  {split}_qa.jsonl          the same samples as evaluation questions (id, image, question,
+                            answers, question_type): `python -m internvl_jax.eval
+                            --benchmarks jsonl:{split}_qa.jsonl` reads it
   meta_{split}.json         {name: {root, annotation, data_augment, repeat_time, length}}
   synthetic_meta.json       question types, answer sets, chance levels, per-split counts
 
@@ -74,6 +77,9 @@ class Sample:
     image: Image.Image | None
     answer: str
     question_fields: dict = dataclasses.field(default_factory=dict)
+    # Answers of the other question types this image also answers ({type name: answer}), for
+    # rows that ask several questions about one image.
+    also: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,20 +204,24 @@ def _render(rng, width, height, objects, outlined=()):
     return image
 
 
+def _scene_sample(rng, width, height, num_objects: int, asked: str) -> Sample:
+    """A scene of shapes, which answers the shape, colour and count questions alike."""
+    objects = _scene(rng, width, height, num_objects)
+    answers = {"shape": objects[0].shape, "colour": objects[0].colour, "count": str(len(objects))}
+    also = {name: answer for name, answer in answers.items() if name != asked}
+    return Sample(_render(rng, width, height, objects), answers[asked], also=also)
+
+
 def make_shape(rng, width, height) -> Sample:
-    objects = _scene(rng, width, height, int(rng.integers(1, 5)))
-    return Sample(_render(rng, width, height, objects), objects[0].shape)
+    return _scene_sample(rng, width, height, int(rng.integers(1, 5)), "shape")
 
 
 def make_colour(rng, width, height) -> Sample:
-    objects = _scene(rng, width, height, int(rng.integers(1, 5)))
-    return Sample(_render(rng, width, height, objects), objects[0].colour)
+    return _scene_sample(rng, width, height, int(rng.integers(1, 5)), "colour")
 
 
 def make_count(rng, width, height) -> Sample:
-    count = int(rng.integers(1, MAX_COUNT + 1))
-    objects = _scene(rng, width, height, count)
-    return Sample(_render(rng, width, height, objects), str(count))
+    return _scene_sample(rng, width, height, int(rng.integers(1, MAX_COUNT + 1)), "count")
 
 
 def _quadrant_region(quadrant, width, height):
@@ -234,7 +244,7 @@ def make_position(rng, width, height) -> Sample:
         # A distractor that finds no room is left out: the answer does not depend on it.
         _add_object(rng, placed, str(rng.choice(other_shapes)), str(rng.choice(other_colours)),
                     radius * rng.uniform(0.6, 1.0), (1, 1, width - 1, height - 1))
-    return Sample(_render(rng, width, height, placed, outlined=(0,)), quadrant)
+    return Sample(_render(rng, width, height, placed, outlined=(0,)), quadrant, also={"count": str(len(placed))})
 
 
 def make_word(rng, width, height) -> Sample:
@@ -279,6 +289,9 @@ QUESTION_TYPES = (
 )
 
 
+_QUESTIONS = {qtype.name: qtype.question for qtype in QUESTION_TYPES if qtype.has_image}
+
+
 def _type_schedule(seed: int, split_code: int, num_samples: int) -> list[QuestionType]:
     """Question type per sample: each block of len(QUESTION_TYPES) samples is a permutation,
     so every type appears once the split has that many samples."""
@@ -296,28 +309,46 @@ def _save_image(image: Image.Image, path: pathlib.Path, as_jpeg: bool) -> None:
         image.save(path, format="PNG")
 
 
+def _follow_ups(sample: Sample, count: int, rng: np.random.Generator) -> list[dict]:
+    """Up to `count` more turns about the same image: other question types it answers, random order."""
+    names = list(sample.also)
+    chosen = [names[i] for i in rng.permutation(len(names))[:count]]
+    turns = []
+    for name in chosen:
+        turns += [{"from": "human", "value": _QUESTIONS[name]}, {"from": "gpt", "value": sample.also[name]}]
+    return turns
+
+
 def _write_split(out_dir: pathlib.Path, split: str, num_samples: int, seed: int,
-                 image_sizes: tuple[int, int]) -> dict[str, int]:
-    """Write images and `{split}.jsonl`; returns the number of samples per question type."""
+                 image_sizes: tuple[int, int], questions_per_image: int = 1) -> dict[str, int]:
+    """Write images, `{split}.jsonl` and `{split}_qa.jsonl`; returns the number of samples per
+    question type (of each row's first question)."""
     split_code = SPLITS.index(split)
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     per_type = {qtype.name: 0 for qtype in QUESTION_TYPES}
-    with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as annotation:
+    with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as annotation, \
+            open(out_dir / f"{split}_qa.jsonl", "w", encoding="utf-8") as questions:
         for index, qtype in enumerate(_type_schedule(seed, split_code, num_samples)):
             rng = np.random.default_rng([seed, split_code, 0, index])
             width, height = _sample_size(rng, *image_sizes)
             sample = qtype.make(rng, width, height)
             row = {"id": f"synthetic_{split}_{index:06d}", "question_type": qtype.name}
-            prompt = qtype.question.format(**sample.question_fields)
+            question = qtype.question.format(**sample.question_fields)
+            qa = {"id": row["id"], "question": question, "answers": [sample.answer], "question_type": qtype.name}
+            prompt = question
             if sample.image is not None:
                 name = f"{index:06d}." + ("jpg" if rng.random() < 0.5 else "png")
                 _save_image(sample.image, image_dir / name, name.endswith(".jpg"))
                 row.update(image=f"{split}/{name}", width=width, height=height)
+                qa["image"] = f"images/{split}/{name}"
                 prompt = "<image>\n" + prompt
+            # Follow-ups draw from their own stream, so images do not depend on questions_per_image.
+            follow_ups = _follow_ups(sample, questions_per_image - 1, np.random.default_rng([seed, split_code, 2, index]))
             row["conversations"] = [{"from": "human", "value": prompt},
-                                    {"from": "gpt", "value": sample.answer}]
+                                    {"from": "gpt", "value": sample.answer}] + follow_ups
             annotation.write(json.dumps(row) + "\n")
+            questions.write(json.dumps(qa) + "\n")
             per_type[qtype.name] += 1
     return per_type
 
@@ -327,7 +358,8 @@ def _write_json(path: pathlib.Path, content) -> None:
 
 
 def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
-                        image_sizes: tuple[int, int] = DEFAULT_IMAGE_SIZES) -> pathlib.Path:
+                        image_sizes: tuple[int, int] = DEFAULT_IMAGE_SIZES,
+                        train_questions_per_image: int = 1) -> pathlib.Path:
     """Generate the data set under out_dir; returns the path of the training meta file.
 
     Args:
@@ -336,6 +368,10 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
         holds every question type.
       seed: non-negative int; the same seed gives byte-identical files.
       image_sizes: (min_side, max_side) in pixels for image width and height; min_side >= 48.
+      train_questions_per_image: questions per training row: the row's own, then up to this many
+        minus one others the same image answers (a shape scene also answers colour and count; the
+        position scene, count) as later turns. More supervision per image at little cost. Test rows
+        always ask one question, so accuracy stays per type.
 
     Returns:
       `out_dir/meta_train.json`; the test split is described by `meta_test.json` beside it, and
@@ -347,12 +383,15 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
         raise ValueError(f"need 48 <= min_side <= max_side, got {image_sizes}")
     if seed < 0 or num_train < 0 or num_test < 0:
         raise ValueError("seed and sample counts must be non-negative")
+    if train_questions_per_image < 1:
+        raise ValueError(f"train_questions_per_image must be >= 1, got {train_questions_per_image}")
     out_dir = pathlib.Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     splits = {}
     for split, num_samples in zip(SPLITS, (num_train, num_test)):
-        per_type = _write_split(out_dir, split, num_samples, seed, (min_side, max_side))
+        per_type = _write_split(out_dir, split, num_samples, seed, (min_side, max_side),
+                                train_questions_per_image if split == "train" else 1)
         _write_json(out_dir / f"meta_{split}.json", {
             f"synthetic_vqa_{split}": {
                 "root": str(out_dir / "images"),
@@ -363,12 +402,13 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
             }
         })
         splits[split] = {"meta": f"meta_{split}.json", "annotation": f"{split}.jsonl",
-                         "num_samples": num_samples, "per_type": per_type}
+                         "questions": f"{split}_qa.jsonl", "num_samples": num_samples, "per_type": per_type}
 
     _write_json(out_dir / "synthetic_meta.json", {
         "generator": "internvl_jax.data.synthetic",
         "seed": seed,
         "image_sizes": [min_side, max_side],
+        "train_questions_per_image": train_questions_per_image,
         "question_types": {
             qtype.name: {"question": qtype.question, "answers": list(qtype.answers),
                          "chance": qtype.chance, "has_image": qtype.has_image}
@@ -389,9 +429,11 @@ def main(argv=None) -> None:
                         help="smallest image side in pixels")
     parser.add_argument("--max-size", type=int, default=DEFAULT_IMAGE_SIZES[1],
                         help="largest image side in pixels")
+    parser.add_argument("--train-questions", type=int, default=1,
+                        help="questions per training image (later turns ask what else the image shows)")
     args = parser.parse_args(argv)
     meta = write_synthetic_vqa(args.out, args.train, args.test, args.seed,
-                               (args.min_size, args.max_size))
+                               (args.min_size, args.max_size), args.train_questions)
     print(meta)
 
 

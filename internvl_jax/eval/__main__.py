@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from internvl_jax.eval.benchmarks import BENCHMARKS, Benchmark, get_benchmark
-from internvl_jax.eval.presets import GENERATION_OPTIONS, PRESETS, resolve_options
+from internvl_jax.eval.presets import GENERATION_OPTIONS, PRESETS, resolve_options, split_settings
 from internvl_jax.eval.report import RESULTS, write_sweep
 from internvl_jax.eval.runner import Predictor, RunConfig, evaluate_benchmark
 from internvl_jax.eval.samples import BenchmarkError, Sample
 from internvl_jax.eval.store import Shard
 
-GENERATION_PREFIX = "generation."
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,23 +59,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the benchmarks' settings and exit")
     parser.add_argument("settings", nargs="*", metavar="key=value", help="override a setting")
     return parser.parse_args(argv)
-
-
-def _split_settings(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """(benchmark option overrides, decoding options) from key=value arguments."""
-    options, generation = {}, {}
-    for pair in pairs:
-        key, equals, value = pair.partition("=")
-        if not equals or not key:
-            raise ValueError(f"settings are written key=value, got {pair!r}")
-        if key.startswith(GENERATION_PREFIX):
-            try:
-                generation[key[len(GENERATION_PREFIX):]] = json.loads(value)
-            except json.JSONDecodeError:
-                generation[key[len(GENERATION_PREFIX):]] = value
-        else:
-            options[key] = value
-    return options, generation
 
 
 def _budgets(text: str | None) -> list[int | None]:
@@ -123,7 +105,7 @@ def main(argv: Sequence[str] | None = None, predictor: Predictor | None = None) 
     """Runs the command line; `predictor` replaces the checkpoint (tests, other back ends)."""
     args = _parse_args(argv)
     try:
-        overrides, generation = _split_settings(args.settings)
+        overrides, generation = split_settings(args.settings)
         budgets = _budgets(args.max_tiles)
         names = [name for name in args.benchmarks.split(",") if name] or (list(BENCHMARKS) if args.list else [])
         if not names:

@@ -31,6 +31,7 @@ more specific wins. Values take the type of the setting they replace; in text va
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -142,3 +143,23 @@ def _coerce(key: str, text: str, current: Any) -> Any:
             raise ValueError(f"'{key}' is out of range: {value}")
         return value
     return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+GENERATION_PREFIX = "generation."
+
+
+def split_settings(pairs: Sequence[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(benchmark option overrides, decoding options) from key=value arguments."""
+    options, generation = {}, {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"settings are written key=value, got {pair!r}")
+        if key.startswith(GENERATION_PREFIX):
+            try:
+                generation[key[len(GENERATION_PREFIX):]] = json.loads(value)
+            except json.JSONDecodeError:
+                generation[key[len(GENERATION_PREFIX):]] = value
+        else:
+            options[key] = value
+    return options, generation

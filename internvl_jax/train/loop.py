@@ -69,7 +69,9 @@ class MetricLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in metrics.items():
-            self._writer.add_scalar(f"train/{name}", value, step)
+            if value is not None:  # a benchmark without ground truth has no score
+                tag = f"eval/{name[5:]}" if name.startswith("eval_") else f"train/{name}"
+                self._writer.add_scalar(tag, value, step)
         self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         self._bar.update(1)
 
@@ -108,9 +110,37 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return {k: v.item() if hasattr(v, "item") else v for k, v in jax.device_get(metrics).items()}
 
 
+class ProfileWindow:
+    """A `jax.profiler` trace of `train.profile_num_steps` steps from `train.profile_start_step`
+    (after compilation when that is step 1's), written under workdir/profile for TensorBoard or Perfetto."""
+
+    def __init__(self, config: Config, workdir: pathlib.Path):
+        self._first = config.train.profile_start_step
+        self._last = self._first + max(config.train.profile_num_steps, 1) - 1
+        self._dir = workdir / "profile"
+        self._active = False
+
+    def before(self, step: int) -> None:
+        if self._first and step == self._first:
+            jax.profiler.start_trace(str(self._dir))
+            self._active = True
+
+    def after(self, step: int) -> None:
+        if self._active and step >= self._last:
+            self.close()
+
+    def close(self) -> None:
+        if self._active:
+            jax.profiler.stop_trace()
+            self._active = False
+
+
 def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, mesh: jax.sharding.Mesh | None = None,
-          on_step_end: Callable[[int], None] | None = None) -> TrainState:
-    """Trains to `total_steps`, resuming from the latest checkpoint in `workdir` if any."""
+          on_step_end: Callable[[int], None] | None = None, evaluator: Any = None) -> TrainState:
+    """Trains to `total_steps`, resuming from the latest checkpoint in `workdir` if any.
+
+    evaluator: a `train.evaluation.PeriodicEvaluator` (in-training evaluation), or None.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or make_mesh(config.mesh)
@@ -126,9 +156,10 @@ def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, me
     step_fn = TrainStep(graphdef, config.train, learning_rate_schedule(config.train, total),
                         state_shardings(target, mesh), mesh)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
-    log, guard = MetricLog(workdir, start, total), PreemptionGuard()
+    log, guard, profile = MetricLog(workdir, start, total), PreemptionGuard(), ProfileWindow(config, workdir)
     try:
         for step in range(start + 1, total + 1):
+            profile.before(step)
             began = time.perf_counter()
             local = stack_micro_batches([next(data) for _ in range(config.train.grad_accum_steps)])
             state, metrics = step_fn(state, device_batch(local, mesh))
@@ -139,7 +170,12 @@ def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, me
                 metrics["compile_seconds"] = step_fn.compile_seconds
                 seconds = max(seconds - step_fn.compile_seconds, 1e-9)
             metrics.update(_throughput(config, local, metrics, seconds, peak))
+            profile.after(step)
             _check(config, step, metrics)
+            if evaluator is not None and evaluator.due(step, total):
+                began = time.perf_counter()
+                metrics.update(evaluator(step, nnx.merge(graphdef, state).model))
+                metrics["eval_seconds"] = time.perf_counter() - began
             log.write(step, metrics)
             stop = guard.should_stop(step)
             if checkpointer.due(step) or stop or step == total:
@@ -149,6 +185,7 @@ def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, me
             if stop:
                 break
     finally:
+        profile.close()
         checkpointer.close()
         log.close()
         guard.close()

@@ -3,7 +3,8 @@
 The official recipes use DeepSpeed AdamW through the HF Trainer: betas (0.9, 0.999), eps 1e-8,
 `max_grad_norm` 1.0, `get_cosine_schedule_with_warmup` (lr 0 at the first update, peak after the
 warmup, 0 at the last step) and one parameter group, so weight decay applies to every trainable
-parameter. Optimizer state exists only for trainable parameters (`nnx.Optimizer(..., wrt=...)`).
+parameter. `train.lr_multipliers` adds per-group learning rates (e.g. a faster projector), which
+the official recipes leave at 1. Optimizer state exists only for trainable parameters (`nnx.Optimizer(..., wrt=...)`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from internvl_jax.config import TrainConfig
 # Leaf or module names excluded from weight decay by the `no_bias_norm` mask (HF's default rule).
 _NO_DECAY_LEAVES = ("bias", "scale")
 _NORM_MARKER = "norm"
+# Top-level modules of the chat model: the groups that `train.lr_multipliers` address.
+PARAM_GROUPS = ("vision_model", "mlp1", "language_model")
 # Consecutive skipped updates tolerated before apply_if_finite would apply one anyway: never.
 _NEVER = 2 ** 31 - 1
 
@@ -58,8 +61,35 @@ def weight_decay_mask(kind: str):
     return lambda params: jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def lr_multipliers(train: TrainConfig) -> dict[str, float]:
+    """{module group: factor} from `train.lr_multipliers` entries such as `mlp1=10`."""
+    factors = {}
+    for entry in train.lr_multipliers:
+        group, sep, value = entry.partition("=")
+        if not sep or group not in PARAM_GROUPS:
+            raise ValueError(f"train.lr_multipliers: expected GROUP=FACTOR with GROUP one of {PARAM_GROUPS}, "
+                             f"got {entry!r}")
+        try:
+            factors[group] = float(value)
+        except ValueError:
+            raise ValueError(f"train.lr_multipliers: {entry!r}: {value!r} is not a number") from None
+    return factors
+
+
+def group_scaling(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Scales each module group's updates by its factor: a per-group learning rate (weight decay
+    included, as it is proportional to the lr in AdamW)."""
+    if not factors:
+        return optax.identity()
+
+    def labels(updates):
+        return jax.tree_util.tree_map_with_path(lambda path, _: _key_name(path[0]), updates)
+
+    return optax.multi_transform({group: optax.scale(factors.get(group, 1.0)) for group in PARAM_GROUPS}, labels)
+
+
 def make_transform(train: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip → AdamW(schedule), wrapped so a non-finite gradient skips the whole update.
+    """clip → AdamW(schedule) → per-group lr factors, wrapped so a non-finite gradient skips the whole update.
 
     apply_if_finite keeps the inner state untouched on a skipped step and counts it
     (`total_notfinite`); the `raise` policy is enforced by the loop on the reported metric.
@@ -71,6 +101,7 @@ def make_transform(train: TrainConfig, total_steps: int) -> optax.GradientTransf
         optax.adamw(learning_rate_schedule(train, total_steps), b1=train.adam_b1, b2=train.adam_b2,
                     eps=train.adam_eps, weight_decay=train.weight_decay,
                     mask=weight_decay_mask(train.weight_decay_mask)),
+        group_scaling(lr_multipliers(train)),
     )
     return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
 
