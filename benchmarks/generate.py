@@ -1,11 +1,11 @@
 """Generation speed against transformers, same config, same CPU, one run.
 
-    python benchmarks/generate.py [--quick] [--new-tokens 64] [--repeats 5] [--batches 1 8]
+    python benchmarks/generate.py [--quick] [--new-tokens 64] [--repeats 5] [--batches 1 8] [--threads N]
 
-The pinned small config (fp32, random weights): ViT 4 layers, width 256 (4 heads, MLP 1024), 224 px tiles (64 image
-tokens each), 2 tiles per prompt; an InternLM2-style decoder of 4 layers, width 512, 8 heads /
-4 kv heads, MLP 1536, vocab 8000. The reference is transformers' InternVLForConditionalGeneration
-with a Llama text model of the same dimensions (InternLM2 is not native there).
+The pinned small config of `pinned.py` (fp32, random weights, 2 tiles of 224 px per prompt)
+against transformers' InternVLForConditionalGeneration with a Llama text model of the same
+dimensions (InternLM2 is not native there). torch runs as many intra-op threads as XLA uses
+cores (the cores this process may use); `--quick` takes `pinned.quick_config` instead.
 
 Both decode greedily and exactly `--new-tokens` tokens (no stop id). Per batch size, after a
 warm-up call, the median over the repeats of
@@ -26,42 +26,13 @@ import time
 import jax
 import numpy as np
 
-from internvl_jax.config import LLMConfig, ModelConfig, VisionConfig
+from internvl_jax.config import ModelConfig
 from internvl_jax.data.tiling import normalize
 from internvl_jax.models import generate as gen
 from internvl_jax.models.params import create_model
+from pinned import IMAGE_TOKEN_ID, TILES, bench_config, quick_config, reference_model
 
-IMAGE_TOKEN_ID = 7999
-TILES = 2
 TEXT_TOKENS = 64  # around the image tokens; 1 + 64 + 128 = 193-token prompts
-
-
-def bench_config() -> ModelConfig:
-    vision = VisionConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, patch_size=14,
-                          image_size=224, norm_type="layer_norm", qkv_bias=True)
-    llm = LLMConfig(family="internlm2", vocab_size=8000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
-                    intermediate_size=1536, max_position_embeddings=4096)
-    return ModelConfig(vision=vision, llm=llm, img_context_token_id=IMAGE_TOKEN_ID, dtype="float32",
-                       param_dtype="float32", frozen_param_dtype="float32")
-
-
-def reference_model(config: ModelConfig):
-    """transformers' InternVL with a Llama text model of the same dimensions (fp32, eval mode)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig
-    vision, llm = config.vision, config.llm
-    hf = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=vision.hidden_size, num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
-            intermediate_size=vision.intermediate_size, image_size=vision.image_size, patch_size=vision.patch_size,
-            norm_type="layer_norm", attention_bias=True, use_qk_norm=False),
-        text_config=LlamaConfig(
-            vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-            num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-            max_position_embeddings=llm.max_position_embeddings, pad_token_id=0),
-        image_token_id=IMAGE_TOKEN_ID, image_seq_length=config.num_image_token,
-        downsample_ratio=config.downsample_ratio, projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
-        tie_word_embeddings=False)
-    return InternVLForConditionalGeneration(hf).eval()
 
 
 def make_requests(config: ModelConfig, batch: int, seed: int = 0):
@@ -105,17 +76,21 @@ def time_reference(model, prompts, tiles, new_tokens: int) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat (for the test suite)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a much smaller model, 16 new tokens, 1 repeat (for the test suite)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch intra-op threads (default: the cores this process may use)")
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats = 16, 1
     import torch
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
-    config = bench_config()
+    config = quick_config() if args.quick else bench_config()
     ours, reference = create_model(config, seed=0), reference_model(config)
     programs_before = gen.compiled_programs()
     requests = {batch: make_requests(config, batch) for batch in args.batches}
@@ -133,7 +108,7 @@ def main(argv=None) -> dict:
 def measure(ours, reference, requests: dict, args: argparse.Namespace) -> dict:
     """Times both sides per batch size and prints the table; returns the figures per batch size."""
     # Both sides share the CPU with whatever else runs: the load average says how noisy the figures are.
-    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average "
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, torch threads {args.threads}, load average "
           f"{os.getloadavg()[0]:.1f}; prompt {len(requests[args.batches[0]][0][0])} tokens ({TILES} tiles); "
           f"{args.new_tokens} new tokens; median of {args.repeats}")
     print(f"{'batch':>5} {'':14} {'prefill ms':>11} {'decode tok/s':>13}")

@@ -1,45 +1,88 @@
-"""GPU check of the model core (for a task lent a GPU; uses that machine's own jax, no data stack).
+"""GPU check of the model core and MFU of the Mini-InternVL-2B train step (for a task lent a GPU).
 
-1. cuDNN attention (`jax.nn.dot_product_attention`) against the XLA reference in bf16 with GQA,
-   packed segments and causal masking.
+Uses that machine's own jax and imports no data stack. On one H100 it finishes in under 8
+minutes (the sweep stops starting settings when its budget is spent):
+
+1. cuDNN flash attention against the XLA reference in bf16: the LLM's case (GQA, packed
+   segments, causal) and the ViT's (1025 tokens, no mask).
 2. The tiny model in bf16 against float32 (logit agreement).
-3. Forward+backward step time and MFU of the Mini-InternVL-2B config at 4096 tokens, bf16
-   compute, full remat, 13 tiles (12 + thumbnail), cuDNN attention.
+3. The bf16 matmul rate this GPU reaches (8192³), for scale.
+4. MFU of the real train step (`TrainStep`: forward, chunked loss, backward, global-norm clip,
+   AdamW) of the Mini-InternVL-Chat-2B stage-2 recipe (everything trainable, drop path on) on
+   rows of 4096 tokens with 13 tiles of 448 px (12 + thumbnail), bf16 compute, fp32 master
+   weights, over a sweep of settings (remat policy, attention, layer scan, XLA flags, micro-batch
+   rows, gradient accumulation). Each setting runs in its own subprocess, so each can have its
+   own XLA flags and an out-of-memory ends only that one. Prints each setting's figures as it
+   finishes and the best at the end. MFU = model FLOPs (`internvl_jax.train.flops`) / step time /
+   the device's dense bf16 peak (989 TFLOP/s for H100/H200); target ≥ 50%.
 
-    python benchmarks/gpu_model_check.py [--quick] [--peak-tflops 989] [--remat full,save_dots,none]
+    python benchmarks/gpu_model_check.py [--quick] [--budget-s 400] [--settings a,b,...]
+    python benchmarks/gpu_model_check.py --smoke   # the same code paths on CPU with the tiny model
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+# name: (config overrides, extra XLA flags, micro-batch rows, micro-batches per step). In the
+# order they run; the first few are the likeliest winners, so a short budget still sees them.
+SETTINGS = {
+    "flash_save_dots": (["model.remat_policy=save_dots"], "", 1, 4),
+    "flash_none": (["model.remat_policy=none"], "", 1, 4),
+    "flash_save_dots_cublas": (["model.remat_policy=save_dots"], "--xla_gpu_enable_triton_gemm=false", 1, 4),
+    "flash_save_dots_ga1": (["model.remat_policy=save_dots"], "", 1, 1),
+    "flash_full": (["model.remat_policy=full"], "", 1, 4),
+    "flash_save_dots_rows2": (["model.remat_policy=save_dots"], "", 2, 2),
+    "flash_save_dots_unrolled": (["model.remat_policy=save_dots", "model.scan_layers=false"], "", 1, 4),
+    "xla_attention_full": (["model.remat_policy=full", "model.attention=xla"], "", 1, 4),
+}
+COMMON = ["model.attention=cudnn", "model.dtype=bfloat16", "train.total_steps=1000", "train.warmup_steps=10"]
+TOKENS, TILES = 4096, 13
 
-from internvl_jax.config import load_config
-from internvl_jax.models.attention import attention
-from internvl_jax.models.params import create_model, count_params
-from internvl_jax.train.loss import mean_batch_loss
+
+# ------------------------------------------------------------------------------------------
+# Checks (parent process).
 
 
-def attention_parity(length: int = 1024) -> float:
+def attention_parity(length: int = 1024) -> dict[str, float]:
+    """Max |cuDNN − XLA| in bf16, for the LLM's and the ViT's attention."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from internvl_jax.models.attention import attention
+
     rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    results = {}
     b, kv, g, hd = 2, 4, 4, 128
-    q = jnp.asarray(rng.normal(size=(b, length, kv, g, hd)), jnp.bfloat16)
-    k = jnp.asarray(rng.normal(size=(b, length, kv, hd)), jnp.bfloat16)
-    v = jnp.asarray(rng.normal(size=(b, length, kv, hd)), jnp.bfloat16)
+    q, k, v = normal(b, length, kv, g, hd), normal(b, length, kv, hd), normal(b, length, kv, hd)
     seg = np.ones((b, length), np.int32)
     seg[0, length // 2:] = 2
     seg = jnp.asarray(seg)
     run = lambda backend: jax.jit(lambda q, k, v, s: attention(q, k, v, q_segment_ids=s, kv_segment_ids=s,
                                                                causal=True, backend=backend))(q, k, v, seg)
-    return float(jnp.max(jnp.abs(run("cudnn").astype(jnp.float32) - run("xla").astype(jnp.float32))))
+    results["llm (GQA, 2 segments, causal)"] = float(jnp.max(jnp.abs(run("cudnn").astype(jnp.float32)
+                                                                     - run("xla").astype(jnp.float32))))
+    n, t, heads, hd = 3, 1025, 16, 64
+    q, k, v = normal(n, t, heads, 1, hd), normal(n, t, heads, hd), normal(n, t, heads, hd)
+    run = lambda backend: jax.jit(lambda q, k, v: attention(q, k, v, causal=False, backend=backend))(q, k, v)
+    results["vit (1025 tokens, no mask)"] = float(jnp.max(jnp.abs(run("cudnn").astype(jnp.float32)
+                                                                 - run("xla").astype(jnp.float32))))
+    return results
 
 
 def tiny_bf16_agreement() -> tuple[float, float]:
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from internvl_jax.config import load_config
+    from internvl_jax.models.params import create_model
+
     config = load_config("tiny", ["model.img_context_token_id=1000"]).model
     model = create_model(config, seed=0)
     rng = np.random.default_rng(1)
@@ -56,69 +99,186 @@ def tiny_bf16_agreement() -> tuple[float, float]:
     return delta, top1
 
 
-def step_flops(config, tokens: int, tiles: int) -> float:
-    """Training FLOPs (6·N·tokens for matmuls + causal attention) for ViT, projector and LLM."""
-    v, llm = config.vision, config.llm
-    vit_tokens = v.grid_size ** 2 + 1
-    vit_params = v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-    vit = 6 * vit_params * vit_tokens * tiles + 12 * v.num_layers * v.hidden_size * vit_tokens ** 2 * tiles
-    proj_in = v.hidden_size * 4
-    proj = 6 * (proj_in * llm.hidden_size + llm.hidden_size ** 2) * config.num_image_token * tiles
-    hd = llm.resolved_head_dim
-    llm_params = llm.num_layers * (llm.hidden_size * (llm.num_heads + 2 * llm.num_kv_heads) * hd
-                                   + llm.num_heads * hd * llm.hidden_size
-                                   + 3 * llm.hidden_size * llm.intermediate_size) + llm.hidden_size * llm.vocab_size
-    lm = 6 * llm_params * tokens + 6 * llm.num_layers * llm.num_heads * hd * tokens ** 2  # causal: half of 12
-    return vit + proj + lm
+def matmul_rate(size: int = 8192, repeats: int = 10) -> float:
+    """Best bf16 FLOP/s of a size³ matmul on random data."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
-def train_step_mfu(peak_tflops: float, quick: bool, remat: str = "full") -> dict:
-    overrides = ["model.attention=cudnn", f"model.remat_policy={remat}", "model.dtype=bfloat16"]
-    if quick:
-        overrides += ["model.llm.num_layers=4", "model.vision.num_layers=4"]
-    config = load_config("mini_internvl_chat_2b_v1_5", overrides).model
-    model = create_model(config, seed=0)
-    tokens, tiles = 4096, 13
+# ------------------------------------------------------------------------------------------
+# One setting (child process).
+
+
+def make_batch(config, rows: int, grad_accum: int, tokens: int, tiles: int):
+    """A stacked step batch [GA, rows, ...]: per row BOS, `tiles` tiles' image tokens, then text."""
+    import numpy as np
+    from internvl_jax.train.loss import IGNORE_INDEX
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, 90000, (1, tokens)).astype(np.int32)
-    ids[0, 10:10 + tiles * config.num_image_token] = config.img_context_token_id
-    batch = dict(input_ids=jnp.asarray(ids), labels=jnp.asarray(ids), segment_ids=jnp.ones((1, tokens), jnp.int32),
-                 positions=jnp.arange(tokens, dtype=jnp.int32)[None],
-                 pixel_values=jnp.asarray(rng.integers(0, 256, (tiles, 448, 448, 3)), jnp.uint8),
-                 image_flags=jnp.ones(tiles, jnp.int32))
+    m = config.model
+    ids = rng.integers(3, min(m.llm.vocab_size, 90000), (grad_accum, rows, tokens)).astype(np.int32)
+    ids[..., 1:1 + tiles * m.num_image_token] = m.img_context_token_id
+    size = m.vision.image_size
+    return dict(input_ids=ids, labels=np.where(ids == m.img_context_token_id, IGNORE_INDEX, ids).astype(np.int32),
+                segment_ids=np.ones(ids.shape, np.int32),
+                positions=np.broadcast_to(np.arange(tokens, dtype=np.int32), ids.shape).copy(),
+                pixel_values=rng.integers(0, 256, (grad_accum, rows * tiles, size, size, 3), dtype=np.uint8),
+                image_flags=np.ones((grad_accum, rows * tiles), np.int32),
+                num_samples=np.ones((grad_accum, rows), np.int32))
 
-    step = nnx.jit(nnx.value_and_grad(mean_batch_loss))
-    t0 = time.perf_counter()
-    loss, grads = step(model, batch)
-    jax.block_until_ready(grads)
-    compile_s = time.perf_counter() - t0
+
+def run_setting(name: str, args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+    from internvl_jax.config import MeshConfig, load_config
+    from internvl_jax.sharding import make_mesh, state_shardings
+    from internvl_jax.train import flops
+    from internvl_jax.train.optimizer import learning_rate_schedule
+    from internvl_jax.train.state import create_train_state
+    from internvl_jax.train.step import TrainStep
+
+    overrides, _, rows, grad_accum = SETTINGS[name]
+    overrides = COMMON + overrides + [f"train.global_batch_size={rows * grad_accum}",
+                                      f"train.grad_accum_steps={grad_accum}"]
+    if args.quick:
+        overrides += ["model.llm.num_layers=4", "model.vision.num_layers=4"]
+    if args.smoke:
+        overrides += ["model.img_context_token_id=1000", "model.dtype=float32"]
+    config = load_config(args.model, overrides)
+    config = dataclasses.replace(config, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    started = time.perf_counter()
+    graphdef, state = nnx.split(create_train_state(config, config.train.total_steps, mesh, initial_weights=False))
+    init_s = time.perf_counter() - started
+    step = TrainStep(graphdef, config.train, learning_rate_schedule(config.train, config.train.total_steps),
+                     state_shardings(state, mesh), mesh)
+    local = make_batch(config, rows, grad_accum, args.tokens, args.tiles)
+    batch = jax.device_put(local, step.batch_sharding(local))
+    compiled = step.compile(state, batch)
+    memory = compiled.memory_analysis()
+    state, metrics = step(state, batch)  # warm-up
+    jax.block_until_ready((state, metrics))
     times = []
-    for _ in range(3 if quick else 5):
-        t0 = time.perf_counter()
-        loss, grads = step(model, batch)
-        jax.block_until_ready(grads)
-        times.append(time.perf_counter() - t0)
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
     best = min(times)
-    flops = step_flops(config, tokens, tiles)
-    return dict(params=count_params(model), loss=float(loss), compile_s=compile_s, step_s=best,
-                tokens_per_s=tokens / best, tflops=flops / best / 1e12, mfu=flops / best / (peak_tflops * 1e12))
+    model_flops = flops.step_flops(config, local["segment_ids"], local["image_flags"])
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind) or float("nan")
+    return dict(setting=name, rows=rows, grad_accum=grad_accum, tokens_per_step=int(np.prod(local["input_ids"].shape)),
+                step_s=best, median_s=float(np.median(times)), tokens_per_s=np.prod(local["input_ids"].shape) / best,
+                model_tflop=model_flops / 1e12, tflops=model_flops / best / 1e12, mfu=model_flops / best / peak,
+                init_s=init_s, compile_s=step.compile_seconds, loss=float(metrics["loss"]),
+                temp_gib=memory.temp_size_in_bytes / 2 ** 30, args_gib=memory.argument_size_in_bytes / 2 ** 30)
 
 
-def main():
+# ------------------------------------------------------------------------------------------
+# The sweep (parent process).
+
+
+def sweep(args) -> list[dict]:
+    """Runs each setting in a subprocess until the budget is spent; prints each result as it lands."""
+    results = []
+    deadline = time.monotonic() + args.budget_s
+    for name in args.settings.split(","):
+        remaining = deadline - time.monotonic()
+        if remaining < 45:
+            print(f"[{name}] skipped: {remaining:.0f} s of the budget left", flush=True)
+            continue
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
+        env.pop("XLA_PYTHON_CLIENT_ALLOCATOR", None)  # the parent's setting (below), not the child's
+        extra_flags = SETTINGS[name][1]
+        if extra_flags:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + extra_flags).strip()
+        command = [sys.executable, os.path.abspath(__file__), "--one", name, "--model", args.model,
+                   "--tokens", str(args.tokens), "--tiles", str(args.tiles), "--steps", str(args.steps)]
+        command += ["--quick"] * args.quick + ["--smoke"] * args.smoke
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=remaining)
+        except subprocess.TimeoutExpired:
+            print(f"[{name}] stopped at the end of the budget", flush=True)
+            break
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])
+            why = next((l for l in reversed(tail) if "RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower()), tail[-1])
+            print(f"[{name}] failed after {time.monotonic() - started:.0f} s: {why[:300]}", flush=True)
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["wall_s"] = time.monotonic() - started
+        results.append(result)
+        print(f"[{name}] MFU {result['mfu']:.1%}: step {result['step_s'] * 1e3:.0f} ms for {result['tokens_per_step']} "
+              f"tokens ({result['rows']} row(s) x {result['grad_accum']} micro-batches), {result['tflops']:.0f} TFLOP/s, "
+              f"{result['tokens_per_s']:,.0f} tokens/s; compile {result['compile_s']:.0f} s, temporaries "
+              f"{result['temp_gib']:.1f} GiB, arguments {result['args_gib']:.1f} GiB; loss {result['loss']:.3f}; "
+              f"{result['wall_s']:.0f} s in all", flush=True)
+    return results
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
-    parser.add_argument("--remat", default="full", help="comma-separated remat policies to time")
-    args = parser.parse_args()
-    print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
-    print(f"cudnn vs xla attention, bf16, max |diff|: {attention_parity():.4g}", flush=True)
-    delta, top1 = tiny_bf16_agreement()
-    print(f"tiny model bf16 vs fp32: max|diff|/std = {delta:.4g}, top-1 agreement {top1:.4f}", flush=True)
-    for remat in args.remat.split(","):
-        result = train_step_mfu(args.peak_tflops, args.quick, remat)
-        print(f"2B train step (fwd+bwd, 4096 tokens, 13 tiles, bf16, remat {remat}):", flush=True)
-        for key, value in result.items():
-            print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}", flush=True)
+    parser.add_argument("--quick", action="store_true", help="4 ViT and 4 LLM layers")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, 256 tokens, 2 tiles: checks the code paths")
+    parser.add_argument("--budget-s", type=float, default=400, help="seconds for the MFU sweep")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from: {', '.join(SETTINGS)}")
+    parser.add_argument("--model", default="mini_internvl_chat_2b_v1_5_finetune")
+    parser.add_argument("--tokens", type=int, default=TOKENS)
+    parser.add_argument("--tiles", type=int, default=TILES)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: run this setting, print RESULT json
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.tokens, args.tiles, args.steps = "tiny", 256, 2, 1
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.one:
+        print("RESULT " + json.dumps(run_setting(args.one, args)), flush=True)
+        return
+    started = time.monotonic()
+    # This process keeps its GPU context while the settings run: allocate and free its check
+    # buffers directly instead of reserving most of the memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+    import jax
+    import flax
+    import optax
+    print("devices:", jax.devices(), "| jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
+          flush=True)
+    try:  # a failing check is reported and the sweep still runs: each setting is its own process
+        for case, delta in attention_parity().items():
+            print(f"cuDNN vs XLA attention, bf16, {case}: max |diff| {delta:.4g}", flush=True)
+        delta, top1 = tiny_bf16_agreement()
+        print(f"tiny model bf16 vs fp32: max|diff|/std = {delta:.4g}, top-1 agreement {top1:.4f}", flush=True)
+    except Exception as error:  # noqa: BLE001 (any failure is a finding to print)
+        print(f"CHECK FAILED: {type(error).__name__}: {str(error)[:500]}", flush=True)
+    rate = matmul_rate(1024 if args.smoke else 8192, 3 if args.smoke else 10)
+    print(f"bf16 matmul rate: {rate / 1e12:.1f} TFLOP/s", flush=True)
+    print(f"MFU sweep: {args.model}{' (4+4 layers)' if args.quick else ''}, rows of {args.tokens} tokens with "
+          f"{args.tiles} tiles, bf16 compute, stage 2; budget {args.budget_s:.0f} s", flush=True)
+    results = sweep(args)
+    if results:
+        best = max(results, key=lambda r: r["mfu"])
+        print(f"{'setting':28} {'MFU':>6} {'TFLOP/s':>8} {'step ms':>8} {'tokens/s':>9} {'of matmul rate':>15}")
+        for r in results:
+            print(f"{r['setting']:28} {r['mfu']:>6.1%} {r['tflops']:>8.0f} {r['step_s'] * 1e3:>8.0f} "
+                  f"{r['tokens_per_s']:>9,.0f} {r['tflops'] * 1e12 / rate:>15.1%}")
+        print(f"best: {best['setting']} at {best['mfu']:.1%} MFU (target >= 50%: "
+              f"{'met' if best['mfu'] >= 0.5 else 'NOT met'}); whole run {time.monotonic() - started:.0f} s", flush=True)
+        out = os.environ.get("OUT")
+        if out:
+            with open(os.path.join(out, "gpu_model_check.json"), "w") as f:
+                json.dump({"matmul_rate": rate, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

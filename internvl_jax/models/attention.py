@@ -2,8 +2,10 @@
 
 Shapes: q [B, T, KV, G, hd] (query head h = kv·G + g, i.e. repeat-interleave GQA), k and v
 [B, S, KV, hd]. Segment ids [B, T] / [B, S] int32: tokens attend only within their segment, and
-segment 0 marks padding (or empty cache slots) that nobody attends to. With `causal`, query t
-sits at slot `q_offset + t` and sees kv slots ≤ its own.
+segment 0 marks padding (or empty cache slots) that nobody attends to; None for both means one
+segment of real tokens (the ViT's tiles), so nothing but causality is masked. With `causal`,
+query t sits at slot `q_offset + t` and sees kv slots ≤ its own.
+`cached_attention` reads a KV cache stored head-major, [B, KV, S, hd].
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from internvl_jax.sharding import logical_to_spec
 
 BACKENDS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCK = 128
+# Query block of the XLA path's causal self-attention: block i computes scores only against the
+# keys up to its own end, so the products skip most of the masked upper triangle.
+CAUSAL_BLOCK = 128
 
 
 def resolve_backend(backend: str) -> str:
@@ -30,44 +35,104 @@ def resolve_backend(backend: str) -> str:
     return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
-              kv_segment_ids: jax.Array, causal: bool, q_offset: jax.Array | int = 0,
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None, causal: bool, q_offset: jax.Array | int = 0,
               backend: str = "xla", interpret: bool = False) -> jax.Array:
     """Scaled dot-product attention; returns [B, T, KV, G, hd] in v's dtype."""
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     backend = resolve_backend(backend)
     if backend == "splash" and q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0:
+        if q_segment_ids is None:
+            q_segment_ids = kv_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
         return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, interpret)
     if backend == "cudnn":
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
     return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset) -> jax.Array:
-    """Boolean [B, T, S]: same non-zero segment, and (causal) kv slot ≤ query slot."""
-    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+def attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset, q_length: int = 0,
+                   kv_length: int = 0) -> jax.Array | None:
+    """Boolean [B, T, S] (or [1, T, S]): same non-zero segment, and (causal) kv slot ≤ query slot.
+
+    Without segment ids only the causal part, over `q_length` × `kv_length`; None if nothing is masked.
+    """
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+        q_length, kv_length = q_segment_ids.shape[1], kv_segment_ids.shape[1]
     if causal:
-        q_slots = q_offset + jnp.arange(q_segment_ids.shape[1])
-        kv_slots = jnp.arange(kv_segment_ids.shape[1])
-        mask &= kv_slots[None, None, :] <= q_slots[None, :, None]
+        q_slots = q_offset + jnp.arange(q_length)
+        visible = jnp.arange(kv_length)[None, None, :] <= q_slots[None, :, None]
+        mask = visible if mask is None else mask & visible
     return mask
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_segment_ids: jax.Array,
+                     kv_segment_ids: jax.Array, q_offset: jax.Array | int) -> jax.Array:
+    """Causal attention of T new queries over a head-major KV cache (XLA on every platform).
+
+    q [B, T, KV, G, hd] at slots q_offset..q_offset+T-1; k_cache, v_cache [B, KV, S, hd] with the
+    new keys/values already written; kv_segment_ids [B, S]. Returns [B, T, KV, G, hd].
+    """
+    return _xla_heads(q, k_cache, v_cache, q_segment_ids, kv_segment_ids, True, q_offset)
 
 
 def _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset):
     # Head-major operands make both products plain batched matmuls (≈2× faster on CPU).
+    k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+    t = q.shape[1]
+    blocked = (causal and isinstance(q_offset, int) and q_offset == 0 and t == k.shape[1] and t > CAUSAL_BLOCK
+               and q.dtype == jnp.float32)
+    if not blocked:
+        return _xla_heads(q, k_heads, v_heads, q_segment_ids, kv_segment_ids, causal, q_offset)
+    # Causal self-attention in query blocks: (n+1)/2n of the square instead of all of it
+    # (5/8 at 4 blocks), forward and backward; ≈1.7× faster on CPU at 512 tokens. float32 only:
+    # in bf16, XLA keeps excess precision in different places once the graph changes shape, and
+    # the parity tests pin the unblocked form's rounding.
+    outputs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, t)
+        q_seg, kv_seg = ((None, None) if q_segment_ids is None
+                         else (q_segment_ids[:, start:end], kv_segment_ids[:, :end]))
+        outputs.append(_xla_heads(q[:, start:end], k_heads[:, :, :end], v_heads[:, :, :end], q_seg, kv_seg,
+                                  True, start))
+    return jnp.concatenate(outputs, axis=1)
+
+
+def _xla_heads(q, k_heads, v_heads, q_segment_ids, kv_segment_ids, causal, q_offset):
+    """The XLA reference with k_heads, v_heads [B, KV, S, hd]; returns [B, T, KV, G, hd]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     q_heads = q.transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, hd]
-    k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q_heads, k_heads, preferred_element_type=jnp.float32) * scale
-    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset, q.shape[1], k_heads.shape[2])
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_heads.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v_heads).transpose(0, 3, 1, 2, 4)
 
 
 def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset):
+    """cuDNN's fused flash attention; the XLA reference where cuDNN cannot run it.
+
+    `jax.nn.dot_product_attention` without `implementation` runs XLA's unfused attention (it
+    materialises the [B, H, T, S] probabilities), so cuDNN is asked for by name. Causality goes
+    to the kernel as its mask type (it skips the blocks above the diagonal); only segment
+    structure, when there is any, travels as a mask (cuDNN takes it as an additive bias). A
+    q_offset (cached decoding) is folded into that mask instead. Off GPU, in float32, or for
+    shapes the flash kernel does not cover (jax raises while tracing) the XLA path runs.
+    """
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
     b, t, kv, g, hd = q.shape
-    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_offset)[:, None]
-    out = jax.nn.dot_product_attention(q.reshape(b, t, kv * g, hd), k, v, mask=mask)
+    kernel_causal = causal and isinstance(q_offset, int) and q_offset == 0
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal and not kernel_causal, q_offset, t, k.shape[1])
+    try:
+        out = jax.nn.dot_product_attention(q.reshape(b, t, kv * g, hd), k, v,
+                                           mask=None if mask is None else mask[:, None],
+                                           is_causal=kernel_causal, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+        return _xla(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
     return out.reshape(b, t, kv, g, hd)
 
 

@@ -10,7 +10,8 @@ Two jitted programs do the work and nothing syncs with the host per token:
 * `prefill`: ViT on the tiles, the prompt into a fresh cache, the first new token.
 * `decode`: one `lax.while_loop` over the remaining steps (the decode state, cache included, is
   donated), stopping when every row has produced a stop id or at a step limit. Streaming calls it
-  again with a later limit; the limit is a traced value, so that compiles nothing new.
+  again with a later limit; the limit is a traced value, so that compiles nothing new. Its layers
+  run unrolled whatever `scan_layers` says, each updating its own cache array in place.
 
 Shapes are bucketed so a long evaluation compiles few programs; every bucket is the smallest
 power of two that fits, with a floor:
@@ -52,7 +53,7 @@ MIN_NEW_BUCKET = 16
 # Stop ids travel as a fixed-size array (padded with NO_TOKEN) so their number never recompiles.
 MAX_STOP_IDS = 8
 NO_TOKEN = -1
-KV_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
+KV_AXES = ("act_batch", "act_kv_heads", "act_length", None)  # one layer's keys or values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +261,8 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
 
 def _constrain_cache(cache: KVCache) -> KVCache:
     """Cache sharded like the activations: batch over data/fsdp, kv heads over tensor."""
-    return cache._replace(k=constrain(cache.k, KV_AXES), v=constrain(cache.v, KV_AXES),
+    return cache._replace(k=tuple(constrain(k, KV_AXES) for k in cache.k),
+                          v=tuple(constrain(v, KV_AXES) for v in cache.v),
                           segment_ids=constrain(cache.segment_ids, ("act_batch", "act_length")))
 
 
@@ -291,6 +293,13 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, batch: PromptBatch, knob
 def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, knobs: Knobs,
             limit: jax.Array) -> DecodeState:
     model = nnx.merge(graphdef, params)
+    # The layers run unrolled so that each layer's cache is updated in place (a scan would stack
+    # and copy the cache every token). XLA:CPU also copies the slice of a stacked weight that
+    # feeds a matmul: in a memory-bound decode step, every weight read twice and written once per
+    # token. So on CPU the layers are sliced once per call, outside the token loop, at the price
+    # of one copy of the layer weights in host memory; elsewhere they are sliced in the loop, not
+    # to double the weights' device memory.
+    hoisted = model.language_model.layer_blocks() if jax.default_backend() == "cpu" else None
 
     def keep_going(s: DecodeState) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
@@ -298,8 +307,9 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, knobs
     def one_step(s: DecodeState) -> DecodeState:
         # A finished row keeps feeding a valid id so its (discarded) activations stay finite.
         feed = jnp.where(s.done, 0, s.last)[:, None]
+        blocks = model.language_model.layer_blocks() if hoisted is None else hoisted
         logits, cache = model.forward_cached(feed, s.cache, segment_ids=jnp.ones_like(feed),
-                                             positions=s.position[:, None])
+                                             positions=s.position[:, None], blocks=blocks)
         token = select_tokens(logits[:, 0], knobs, s.step, s.key)
         token = jnp.where(s.done, NO_TOKEN, token)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internvl_jax.config import ModelConfig
-from internvl_jax.models.llm import KVCache, LanguageModel
+from internvl_jax.models.llm import DecoderBlock, KVCache, LanguageModel
 from internvl_jax.models.projector import Projector, pixel_shuffle
 from internvl_jax.models.vision import InternViT
 
@@ -66,15 +66,16 @@ class InternVLChatModel(nnx.Module):
 
     def forward_cached(self, input_ids: jax.Array, cache: KVCache, segment_ids: jax.Array | None = None,
                        positions: jax.Array | None = None, pixel_values: jax.Array | None = None,
-                       image_flags: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                       image_flags: jax.Array | None = None,
+                       blocks: list[DecoderBlock] | None = None) -> tuple[jax.Array, KVCache]:
         """Prefill (T tokens, optionally with images) or one decode step (T = 1) against a KV cache.
 
         Writes the new keys/values at cache slots [index, index + T); returns float32 logits
-        [B, T, V_padded] and the updated cache.
+        [B, T, V_padded] and the updated cache. `blocks`: see `LanguageModel.__call__`.
         """
         segment_ids, positions = _default_layout(input_ids, segment_ids, positions, offset=cache.index)
         embeds = self.embed_inputs(input_ids, pixel_values, image_flags)
-        hidden, cache = self.language_model(embeds, positions, segment_ids, cache=cache)
+        hidden, cache = self.language_model(embeds, positions, segment_ids, cache=cache, blocks=blocks)
         return self.language_model.logits(hidden), cache
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:

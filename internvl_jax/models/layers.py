@@ -47,9 +47,53 @@ ones = constant(1.0)
 
 
 def _contract(x: jax.Array, kernel: jax.Array, num_in: int) -> jax.Array:
-    """Contracts the last `num_in` axes of x with the first `num_in` axes of kernel."""
-    x_axes = tuple(range(x.ndim - num_in, x.ndim))
-    return jax.lax.dot_general(x, kernel, ((x_axes, tuple(range(num_in))), ((), ())))
+    """Contracts the last `num_in` axes of x with the first `num_in` axes of kernel.
+
+    The leading (token) axes of x are merged into one first: the kernel gradient then contracts
+    a single axis that is major in both operands, which XLA:CPU runs as one matmul on the arrays
+    as they are; with [B, T] kept apart it first writes a transposed copy of the output gradient
+    (≈15% of a CPU train step). The merge is a bitcast, and B stays the major (sharded) factor.
+    """
+    lead, in_shape, out_shape = x.shape[:x.ndim - num_in], x.shape[x.ndim - num_in:], kernel.shape[num_in:]
+    flat = x.reshape((-1,) + in_shape)
+    if _unsharded_cpu():
+        y = _cpu_matmul(flat.reshape(flat.shape[0], -1), kernel.reshape(math.prod(in_shape), -1))
+        return y.reshape(lead + out_shape)
+    y = jax.lax.dot_general(flat, kernel, ((tuple(range(1, num_in + 1)), tuple(range(num_in))), ((), ())))
+    return y.reshape(lead + out_shape)
+
+
+def _unsharded_cpu() -> bool:
+    """Tracing for one CPU device (no mesh, or a mesh of size 1)."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.axis_sizes) == 1
+
+
+@jax.custom_vjp
+def _cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] · w [K, N], with a kernel gradient laid out for XLA:CPU's matmul.
+
+    Multi-axis kernels arrive flattened to 2-D (a bitcast), so their gradients need no transposed
+    copies either. Only used unsharded on CPU, where the layouts below are measured; other
+    backends take transposed operands natively.
+    """
+    return x @ w
+
+
+def _cpu_matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _cpu_matmul_bwd(residuals, dy):
+    x, w = residuals
+    # xᵀ·dy with xᵀ written out first runs ≈1.4× faster on XLA:CPU than with the transpose
+    # folded into the dot (which takes a slower, non-YNN matmul); the barrier keeps it written out.
+    return dy @ w.T, jax.lax.optimization_barrier(x.T) @ dy
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 class Dense(nnx.Module):

@@ -24,16 +24,22 @@ ACT_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values [L, B, S, KV, hd], slot segment ids [B, S] (0 = empty), next slot []."""
-    k: jax.Array
-    v: jax.Array
+    """Keys and values, one [B, KV, S, hd] array per layer; slot segment ids [B, S] (0 = empty); next slot [].
+
+    One array per layer (not a [L, ...] stack) lets a decode step update each in place and read it
+    whole: XLA:CPU copies any slice of a stack that feeds a matmul. Head-major, so the attention
+    reads each head's keys as one contiguous [S, hd] matrix.
+    """
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     segment_ids: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, config: LLMConfig, batch: int, max_length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.resolved_head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        shape = (batch, config.num_kv_heads, max_length, config.resolved_head_dim)
+        layers = range(config.num_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
                    jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -63,7 +69,7 @@ class DecoderBlock(nnx.Module):
                           stack=stack, **lora_kwargs("down"))
 
     def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_segment_ids, cache_index, key, backend):
-        """x [B, T, D]; layer_cache None or (k, v) [B, S, KV, hd]. Returns (x, new layer cache)."""
+        """x [B, T, D]; layer_cache None or (k, v) [B, KV, S, hd]. Returns (x, new layer cache)."""
         keys = jax.random.split(key, 5) if key is not None else [None] * 5
         qkv = self.qkv(self.attn_norm(x), dropout_key=keys[0])  # [B, T, KV, G+2, hd]
         q = apply_rope(qkv[..., :self.group, :], cos, sin)
@@ -75,11 +81,11 @@ class DecoderBlock(nnx.Module):
             new_cache = None
         else:
             cache_k, cache_v = layer_cache
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            out = attention_lib.attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
-                                          q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
-                                          causal=True, q_offset=cache_index, backend="xla")
+            # The cache has the compute dtype (init_cache): no cast of the whole cache per step.
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3), (0, 0, cache_index, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3), (0, 0, cache_index, 0))
+            out = attention_lib.cached_attention(q, cache_k, cache_v, q_segment_ids=segment_ids,
+                                                 kv_segment_ids=cache_segment_ids, q_offset=cache_index)
             new_cache = (cache_k, cache_v)
         x = constrain(x + self.o(out, dropout_key=keys[1]), ACT_AXES)
         h = self.mlp_norm(x)
@@ -107,9 +113,19 @@ class LanguageModel(nnx.Module):
         """[B, T] int -> [B, T, D] in the compute dtype."""
         return jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
 
+    def layer_blocks(self) -> list[DecoderBlock]:
+        """The stacked layers as one block per layer, each holding its slice of the parameters."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.config.num_layers)]
+
     def __call__(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: KVCache | None = None, key: jax.Array | None = None):
-        """embeds [B, T, D], positions/segment_ids [B, T] -> (final hidden [B, T, D], cache)."""
+                 cache: KVCache | None = None, key: jax.Array | None = None,
+                 blocks: list[DecoderBlock] | None = None):
+        """embeds [B, T, D], positions/segment_ids [B, T] -> (final hidden [B, T, D], cache).
+
+        With a cache, `blocks` (from `layer_blocks`, e.g. sliced once outside a decode loop) run
+        the layers unrolled; without them the layers follow `scan_layers`.
+        """
         config = self.config
         lengths = segment_lengths(positions, segment_ids)
         cos, sin = rope_tables(positions, lengths, config, self.dtype)
@@ -126,14 +142,22 @@ class LanguageModel(nnx.Module):
         else:
             cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
 
-            def body(block, carry, per_layer):
-                layer_k, layer_v, layer_key = per_layer
-                out, (k, v) = block(carry, cos, sin, segment_ids, (layer_k, layer_v), cache_segments,
-                                    cache.index, layer_key, backend)
-                return out, (k, v)
-            x, (new_k, new_v) = run_stack(self.layers, x, (cache.k, cache.v, layer_keys), body,
-                                          scan=self.scan_layers, remat_policy="none")
-            new_cache = KVCache(new_k, new_v, cache_segments, cache.index + embeds.shape[1])
+            def layer(block, carry, layer_k, layer_v, layer_key):
+                return block(carry, cos, sin, segment_ids, (layer_k, layer_v), cache_segments, cache.index,
+                             layer_key, backend)
+
+            if blocks is None and self.scan_layers:
+                # The scan takes and returns the cache stacked: one copy each way per call.
+                x, (new_k, new_v) = run_stack(self.layers, x, (jnp.stack(cache.k), jnp.stack(cache.v), layer_keys),
+                                              lambda block, carry, per_layer: layer(block, carry, *per_layer),
+                                              scan=True, remat_policy="none")
+            else:
+                new_k, new_v = [], []
+                for i, block in enumerate(blocks or self.layer_blocks()):
+                    x, (k, v) = layer(block, x, cache.k[i], cache.v[i], None if key is None else layer_keys[i])
+                    new_k.append(k)
+                    new_v.append(v)
+            new_cache = KVCache(tuple(new_k), tuple(new_v), cache_segments, cache.index + embeds.shape[1])
         return self.norm(x), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -98,7 +98,7 @@ class VisionBlock(nnx.Module):
         self.ls2 = make_param(rngs, constant(config.layer_scale_init), (c,), ("norm",), stack)
 
     def __call__(self, x, segment_ids, drop_rate, key, backend):
-        """x [N, T, C]; segment_ids [N, T] (1 real, 0 padding); key None = deterministic."""
+        """x [N, T, C]; segment_ids [N, T] (1 real, 0 padding) or None (all real); key None = deterministic."""
         keys = jax.random.split(key, 6) if key is not None else [None] * 6
         h = self.norm1(x)
         qkv = self.qkv(h, dropout_key=keys[0])  # [N, T, 3, heads, hd]
@@ -122,8 +122,8 @@ class InternViT(nnx.Module):
         c, p = config.hidden_size, config.patch_size
         self.config = config
         self.scan_layers, self.remat_policy, self.attention, self.dtype = scan_layers, remat_policy, attention, dtype
-        self.class_embedding = make_param(rngs, normal(0.02), (c,), ("vit_embed",))
-        self.position_embedding = make_param(rngs, normal(0.02), (config.grid_size ** 2 + 1, c),
+        self.class_embedding = make_param(rngs, normal(1.0), (c,), ("vit_embed",))
+        self.position_embedding = make_param(rngs, normal(1.0), (config.grid_size ** 2 + 1, c),
                                              ("vit_tokens", "vit_embed"))
         # The 14×14 patch conv as a Dense over flattened (channel, row, col) patches.
         self.patch_embedding = Dense((3 * p * p,), (c,), ("vit_patch",), ("vit_embed",), rngs=rngs)
@@ -155,7 +155,7 @@ class InternViT(nnx.Module):
         depth = num_layers + 1 + select_layer if select_layer < 0 else select_layer
         if not 0 <= depth <= num_layers:
             raise ValueError(f"select_layer {select_layer} out of range for {num_layers} layers")
-        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+        segment_ids = None  # every token of a tile is real: nothing to mask
         rates = jnp.linspace(0.0, self.config.drop_path_rate, num_layers)
         keys = jax.random.split(key, num_layers) if key is not None else None
         backend = attention_lib.resolve_backend(self.attention)

@@ -126,14 +126,19 @@ class TrainStep:
     def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
         return batch_shardings({k: np.shape(v) for k, v in batch.items()}, self.mesh)
 
-    def compile(self, state: nnx.State, batch: Mapping[str, Any]) -> jax.stages.Compiled:
-        """Lowers and compiles for these (possibly abstract) inputs; records the compile time."""
+    def compile(self, state: nnx.State, batch: Mapping[str, Any],
+                compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
+        """Lowers and compiles for these (possibly abstract) inputs; records the compile time.
+
+        `compiler_options`: XLA options for this program alone (e.g. a lower optimisation level
+        where compile time matters more than step time, as in quick benchmark runs).
+        """
         start = time.perf_counter()
         replicated = NamedSharding(self.mesh, P())
         jitted = jax.jit(self._fn, in_shardings=(self._state_sharding, self.batch_sharding(batch)),
                          out_shardings=(self._state_sharding, replicated), donate_argnums=0)
         with jax.set_mesh(self.mesh):
-            self._compiled = jitted.lower(state, batch).compile()
+            self._compiled = jitted.lower(state, batch).compile(compiler_options)
         self.compile_seconds = time.perf_counter() - start
         return self._compiled
 
