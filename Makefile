@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 PYTEST_ARGS ?=
 
-.PHONY: venv venv-test test demo lint validate-data train-tpu clean
+.PHONY: venv venv-test test demo lint validate-data train-tpu plan clean
 
 $(VENV)/.runtime: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: venv
 # Data report: make validate-data META=path/meta.json TOKENIZER=path/to/tokenizer_dir [VALIDATE_ARGS=...]
 validate-data: venv
 	$(PY) -m internvl_jax.data.validate $(META) --tokenizer $(TOKENIZER) $(VALIDATE_ARGS)
+
+# Memory plan, compiled here for a TPU topology with libtpu (the tpu extra):
+# make plan CONFIG=mini_internvl_chat_2b_v1_5_finetune_lora TOPOLOGY=v5e:1x1 PLAN_ARGS="train.grad_accum_steps=16 [--mode serve] [--json plan.json]"
+plan: venv-test
+	$(PY) -m internvl_jax.plan --config $(CONFIG) --topology $(TOPOLOGY) $(PLAN_ARGS)
 
 lint: venv-test
 	$(PY) -m compileall -q internvl_jax tests benchmarks configs
