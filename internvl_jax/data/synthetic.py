@@ -232,9 +232,14 @@ def _quadrant_region(quadrant, width, height):
 
 
 def make_position(rng, width, height) -> Sample:
-    """A red circle with a black outline, wholly inside one quadrant, among other shapes."""
+    """A red circle with a black outline, wholly inside one quadrant, among other shapes.
+
+    The circle spans 38-48% of the short side: a tiny model trained from scratch finds a smaller
+    one only after far more steps than a CPU demo has (radius 8-16% stayed at chance for 400
+    steps of position-only training; 19-24% reached 85% against 25% chance).
+    """
     quadrant = str(rng.choice(QUADRANTS))
-    radius = max(_MIN_RADIUS + 1, min(width, height) * rng.uniform(0.08, 0.16))
+    radius = max(_MIN_RADIUS + 1, min(width, height) * rng.uniform(0.19, 0.24))
     placed: list[Drawn] = []
     # The first object in an empty quadrant always fits.
     _add_object(rng, placed, "circle", "red", radius, _quadrant_region(quadrant, width, height))
