@@ -33,6 +33,7 @@ shardings), the topology, the compiler's versions and the XLA/libtpu flags.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import functools
 import hashlib
@@ -64,6 +65,10 @@ VERSIONED = ("jax", "jaxlib", "libtpu", "flax", "optax")
 UNBUFFERED_LOG = "--logbuflevel=-1"
 # The train step's schedule length does not change the program.
 PLANNING_STEPS = 1000
+# A Pallas kernel (splash attention) is serialized into its custom call with its source file's
+# absolute path as a location; `_portable_text` keeps locations out of the cache key, so that
+# another checkout or venv finds the recorded plans.
+KERNEL_BODY = re.compile(r"(\\22body\\22: \\22)([A-Za-z0-9+/=]+)")
 
 
 class PlanError(ValueError):
@@ -411,7 +416,7 @@ def _cache_key(lowered: dict[str, jax.stages.Lowered], target: Target) -> str:
     """The programs (StableHLO with shardings and donations), the target, compiler versions and flags."""
     key = hashlib.sha256()
     for name, program in sorted(lowered.items()):
-        key.update(name.encode() + program.as_text().encode())
+        key.update(name.encode() + _portable_text(program.as_text()).encode())
     versions = {}
     for name in VERSIONED:
         try:
@@ -425,6 +430,23 @@ def _cache_key(lowered: dict[str, jax.stages.Lowered], target: Target) -> str:
                "versions": versions, "XLA_FLAGS": xla_flags, "LIBTPU_INIT_ARGS": libtpu_flags}
     key.update(json.dumps(context, sort_keys=True).encode())
     return key.hexdigest()
+
+
+def _portable_text(text: str) -> str:
+    """`text` with each serialized kernel body replaced by its module's text without locations."""
+
+    def kernel_text(match: re.Match) -> str:
+        # jax's private MLIR bindings: the ones `jax._src.tpu_custom_call` serializes the body with.
+        from jax._src.interpreters import mlir
+        from jax._src.lib import tpu
+        from jax._src.lib.mlir import ir
+        with mlir.make_ir_context() as context:
+            tpu.register_dialect(context)
+            context.allow_unregistered_dialects = True  # the `stable_mosaic` version marker
+            module = ir.Module.parse(base64.b64decode(match.group(2)))
+            return match.group(1) + module.operation.get_asm(enable_debug_info=False)
+
+    return KERNEL_BODY.sub(kernel_text, text)
 
 
 def _cache_path(cache_dir: str | pathlib.Path | None, key: str) -> pathlib.Path | None:

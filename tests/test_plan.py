@@ -98,6 +98,10 @@ def test_serve_programs_lower_for_tpu():
     setup = planner.serve_setup(config, planner.target_mesh(config, target), planner.ServeRequest(batch=3))
     lowered = setup.lower()
     assert set(lowered) == {"prefill", "decode"} and "tpu_custom_call" in lowered["prefill"].as_text()
+    # The splash kernel's serialized body names its source file in the venv; the plan cache's key
+    # reads the kernel without locations, so another checkout finds the recorded plans.
+    keyed = planner._portable_text(lowered["prefill"].as_text())
+    assert "tpu.matmul" in keyed and "site-packages" not in keyed
     # 3 prompts of 6 tiles + thumbnail, 16 tokens per tile + 128 text tokens, bucketed.
     assert setup.shapes == {"batch": 4, "prompt_tokens": 256, "tiles": 32, "new_tokens": 1024}
     llm = config.model.llm
