@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 # One persistent XLA compilation cache shared by every process of a run.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
-PYTEST_ARGS ?=
+# Two workers: XLA compiles on one core each; a file's tests share a worker (and its module fixtures).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: venv venv-test test demo lint validate-data train-tpu plan clean
 

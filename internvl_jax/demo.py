@@ -57,6 +57,7 @@ QUICK = Schedule(train_samples=120, test_samples=24, stage1_steps=2, stage2_step
 def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathlib.Path, dict]:
     """Data set and tokenizer (reused when already written with the same sizes)."""
     from internvl_jax.data.build_tokenizer import build_tokenizer
+    from internvl_jax.data.conversation import conversation_text, get_template
     from internvl_jax.data.synthetic import write_synthetic_vqa
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
     stamp = out / "prepared.json"
@@ -66,8 +67,11 @@ def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathli
         meta = write_synthetic_vqa(data_dir, schedule.train_samples, schedule.test_samples, seed=0,
                                    image_sizes=(64, schedule.max_image_side),
                                    train_questions_per_image=schedule.questions_per_image)
-        texts = [turn["value"] for path in (data_dir / "train.jsonl",) for line in path.read_text().splitlines()
-                 for turn in json.loads(line)["conversations"]]
+        # Whole rows as the template renders them: its system message and role headers become a
+        # few pieces (byte pieces would be a third of every row's tokens).
+        template = get_template(load_config("tiny").model.template)
+        texts = [conversation_text(template, json.loads(line)["conversations"])
+                 for line in (data_dir / "train.jsonl").read_text().splitlines()]
         build_tokenizer(texts, tokenizer_dir, vocab_size=600)
         stamp.write_text(json.dumps(wanted))
     else:

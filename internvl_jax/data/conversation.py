@@ -134,6 +134,13 @@ def build_prompt(template: Template, messages: Sequence[Mapping[str, str]], syst
     return prompt + template.roles[1]
 
 
+def conversation_text(template: Template, conversations: Sequence[Mapping[str, str]],
+                      system_message: str | None = None) -> str:
+    """A training conversation as the model reads it, ``<image>`` placeholders unexpanded (a
+    tokenizer's training text: the template's system block and role headers are in every row)."""
+    return _render(template, system_message, _checked_turns(conversations, drop_leading_gpt=True))[0]
+
+
 def stop_token_ids(template: Template, tokenizer: Tokenizer) -> list[int]:
     """Ids of the template's stop tokens that the tokenizer has."""
     return [token_id for text in template.stop_strings if (token_id := tokenizer.token_to_id(text)) is not None]
