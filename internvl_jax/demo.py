@@ -192,10 +192,12 @@ def main(argv=None) -> None:
           f"results in {out / 'results.json'}")
     questions = meta.parent / "test_qa.jsonl"
     image = next(row["image"] for row in map(json.loads, questions.read_text().splitlines()) if "image" in row)
+    # The eval command with the demo's tile budget and no VQA suffix: the official preset's (6 tiles,
+    # "Answer the question using a single word or phrase.") are not what this model was trained on.
     print(f"[demo] the trained model in the official HF layout: {out / 'hf'}; try\n"
           f"  python -m internvl_jax.chat --checkpoint {out / 'hf'} --image {meta.parent / image}\n"
           f"  python -m internvl_jax.eval --checkpoint {out / 'hf'} --benchmarks jsonl:{questions} "
-          f"--out {out / 'eval'} max_new_tokens=8")
+          f"--out {out / 'eval'} max_new_tokens=8 max_tiles={schedule.max_tiles} prompt=")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pytest
 import sentencepiece as spm
 
 from internvl_jax.data.conversation import (
-    IGNORE_INDEX, INTERNLM2_SYSTEM_MESSAGE, TEMPLATES, SampleError, SampleErrorReason, build_prompt, get_template,
-    max_tiles_per_image, parse_response, preprocess, stop_token_ids)
+    IGNORE_INDEX, INTERNLM2_SYSTEM_MESSAGE, TEMPLATES, SampleError, SampleErrorReason, build_prompt, conversation_text,
+    get_template, max_tiles_per_image, parse_response, preprocess, stop_token_ids)
 from internvl_jax.data.tokenizer import INTERNVL_TOKENS, TEMPLATE_TOKENS, load_tokenizer
 
 INTERNLM2 = get_template("internlm2-chat")
@@ -117,6 +117,13 @@ def test_chatml_prompt_string():
     assert prompt == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_conversation_text_is_the_training_row_before_image_tokens():
+    conversation = [{"from": "gpt", "value": "dropped"}] + turns("<image>\nWhat is this?", "A cat.", "Sure?", "Yes.")
+    assert conversation_text(TEMPLATES["chatml"], conversation, system_message="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n")
 
 
 def test_inference_prompt_gets_a_missing_placeholder():
