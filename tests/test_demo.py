@@ -17,7 +17,7 @@ def test_demo_quick(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "blank-image control" in out
     # The eval command the demo prints runs on the exported model with the demo's settings. On the
-    # full demo it scores 32.92, the demo's own n-weighted mean; on this 3-step model, whose logits
+    # full demo it scored 32.92, the demo's own n-weighted mean; on this 3-step model, whose logits
     # are nearly tied, 2 of 24 answers differ, so the score is not compared here.
     command = next(line for line in out.splitlines() if "python -m internvl_jax.eval" in line)
     assert eval_main(shlex.split(command)[3:]) == 0
