@@ -434,19 +434,15 @@ def _cache_key(lowered: dict[str, jax.stages.Lowered], target: Target) -> str:
 
 def _portable_text(text: str) -> str:
     """`text` with each serialized kernel body replaced by its module's text without locations."""
-
-    def kernel_text(match: re.Match) -> str:
-        # jax's private MLIR bindings: the ones `jax._src.tpu_custom_call` serializes the body with.
-        from jax._src.interpreters import mlir
-        from jax._src.lib import tpu
-        from jax._src.lib.mlir import ir
-        with mlir.make_ir_context() as context:
-            tpu.register_dialect(context)
-            context.allow_unregistered_dialects = True  # the `stable_mosaic` version marker
-            module = ir.Module.parse(base64.b64decode(match.group(2)))
-            return match.group(1) + module.operation.get_asm(enable_debug_info=False)
-
-    return KERNEL_BODY.sub(kernel_text, text)
+    # jax's private MLIR bindings: the ones `jax._src.tpu_custom_call` serializes the body with.
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jax._src.lib.mlir import ir
+    with mlir.make_ir_context() as context:
+        tpu.register_dialect(context)
+        context.allow_unregistered_dialects = True  # the `stable_mosaic` version marker
+        return KERNEL_BODY.sub(lambda match: match.group(1) + ir.Module.parse(base64.b64decode(match.group(2)))
+                               .operation.get_asm(enable_debug_info=False), text)
 
 
 def _cache_path(cache_dir: str | pathlib.Path | None, key: str) -> pathlib.Path | None:
