@@ -31,19 +31,22 @@ log = logging.getLogger("internvl_jax.demo")
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """The demo's data, batch and optimiser settings: small images, at most 2 tiles + thumbnail and
-    three questions per training image learned the most per CPU second in the sweep the README
-    records; the schedule fits 10 minutes on a 2-core machine."""
+    """The demo's data, batch and optimiser settings; the schedule fits 10 minutes on a 2-core machine.
+
+    One tile per image: with 2 tiles + thumbnail (three times the image tokens per sample) the same
+    run named counts at 17.5% against 52.5% with one. Images at most 2:1, so the tile keeps shapes
+    recognisable."""
     train_samples: int = 6000
     test_samples: int = 240
     stage1_steps: int = 100
-    stage2_steps: int = 900
+    stage2_steps: int = 1600
     rows: int = 8
     seq_len: int = 256
-    tiles_per_row: int = 8
+    tiles_per_row: int = 4
     workers: int = 1
     max_image_side: int = 224
-    max_tiles: int = 2
+    max_aspect: float = 2.0
+    max_tiles: int = 1
     questions_per_image: int = 3
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
@@ -62,10 +65,10 @@ def prepare(out: pathlib.Path, schedule: Schedule) -> tuple[pathlib.Path, pathli
     data_dir, tokenizer_dir = out / "data", out / "tokenizer"
     stamp = out / "prepared.json"
     wanted = {"train": schedule.train_samples, "test": schedule.test_samples, "max_side": schedule.max_image_side,
-              "questions": schedule.questions_per_image}
+              "max_aspect": schedule.max_aspect, "questions": schedule.questions_per_image}
     if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
         meta = write_synthetic_vqa(data_dir, schedule.train_samples, schedule.test_samples, seed=0,
-                                   image_sizes=(64, schedule.max_image_side),
+                                   image_sizes=(64, schedule.max_image_side), max_aspect=schedule.max_aspect,
                                    train_questions_per_image=schedule.questions_per_image)
         # Whole rows as the template renders them: its system message and role headers become a
         # few pieces (byte pieces would be a third of every row's tokens).
@@ -85,6 +88,8 @@ def stage_configs(meta: pathlib.Path, tokenizer_dir: pathlib.Path, stage1_dir: p
     common = [f"data.meta_path={meta}", f"data.tokenizer_path={tokenizer_dir}", f"data.num_workers={schedule.workers}",
               f"data.max_tiles_per_row={schedule.tiles_per_row}",
               f"train.max_seq_length={schedule.seq_len}", f"train.global_batch_size={schedule.rows}",
+              # The whole batch in one cross-entropy chunk (no loss remat): 0.257 -> 0.239 s per step.
+              f"train.loss_chunk_size={schedule.rows * schedule.seq_len}",
               "train.save_every_steps=0", "train.group_by_length=false", f"model.max_dynamic_patch={schedule.max_tiles}",
               f"train.lr_multipliers={schedule.lr_multipliers}"]
     stage1 = load_config("tiny", common + ["train.stage=pretrain", "train.trainable=vision_model,mlp1",

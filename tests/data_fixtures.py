@@ -20,7 +20,7 @@ from internvl_jax.data.conversation import INTERNLM2_SYSTEM_MESSAGE
 from internvl_jax.data.samples import SampleSpec
 from internvl_jax.data.tokenizer import INTERNVL_TOKENS, TEMPLATE_TOKENS, load_tokenizer
 
-# The tiny model (configs/tiny.py): 112-px tiles, 16 tokens per tile, 1..6 tiles, T = 512.
+# The tiny model (configs/tiny.py): 56-px tiles, 16 tokens per tile, 1..6 tiles, T = 512.
 TINY_MODEL = load_config("tiny").model
 SEQ_LEN = 512
 BAD_SET_MAX_PIXELS = 16_000_000

@@ -49,8 +49,8 @@ def tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def image():
-    """A 112×112 image: one tile at the tiny config's size."""
-    pixels = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    """A 56×56 image: one tile at the tiny config's size."""
+    pixels = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
 
 
@@ -86,7 +86,7 @@ def test_first_turn_and_history_follow_the_official_template(tiny_model, tiny_co
     call = recorded[-1]
     assert call["prompts"] == [tokenizer.encode(spec_prompt([("<image>\ndescribe the picture", None)], [16]))]
     assert call["stop_ids"] == [tokenizer.token_to_id(SEP)]
-    np.testing.assert_array_equal(call["tiles"][0], tiles_to_array(tile_image(image, 1, 6, True, 112)))
+    np.testing.assert_array_equal(call["tiles"][0], tiles_to_array(tile_image(image, 1, 6, True, 56)))
 
     # Second turn: no new <image>; the first question's image is expanded again.
     _, history = chat_lib.chat(tiny_model, tokenizer, tiny_config, image, "and the colour?", history,
@@ -107,9 +107,9 @@ def test_first_turn_and_history_follow_the_official_template(tiny_model, tiny_co
 
 
 def test_multi_image_prompts_and_tile_budget(tiny_model, tiny_config, tokenizer, image, recorded):
-    wide = image.resize((224, 112))
+    wide = image.resize((112, 56))
     tiles, patches = chat_lib.tile_images([image, wide], tiny_config)
-    assert patches == [1, 3] and tiles.shape == (4, 112, 112, 3)  # the wide one: 2×1 grid + thumbnail
+    assert patches == [1, 3] and tiles.shape == (4, 56, 56, 3)  # the wide one: 2×1 grid + thumbnail
     assert chat_lib.tile_images([wide], tiny_config, max_tiles=1)[1] == [1]
 
     question = "Image-1: <image>\nImage-2: <image>\nCompare."

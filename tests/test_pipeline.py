@@ -23,6 +23,7 @@ from internvl_jax.data.tiling import tile_image, tiles_to_array
 from internvl_jax.data.tokenizer import IMG_CONTEXT_TOKEN
 
 TOKENS_PER_TILE = TINY_MODEL.num_image_token
+TILE = TINY_MODEL.vision.image_size
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,10 @@ def test_batches_follow_the_contract_and_equal_the_reference(mixture, tokenizer)
     expected = collections.Counter()
     for index in range(len(mixture)):
         record = mixture[index]
-        tiles = np.zeros((0, 112, 112, 3), np.uint8)
+        tiles = np.zeros((0, TILE, TILE, 3), np.uint8)
         if record.images:
             with Image.open(record.images[0]) as image:
-                tiles = tiles_to_array(tile_image(image.convert("RGB"), 1, 6, True, 112))
+                tiles = tiles_to_array(tile_image(image.convert("RGB"), 1, 6, True, TILE))
         reference = preprocess(record.conversations, tokenizer, template, [len(tiles) * 16] * len(record.images),
                                SEQ_LEN)
         expected[key(reference["input_ids"], reference["labels"], tiles)] += 1
@@ -112,7 +113,7 @@ def test_batch_shapes_for_abstract_inputs():
     config = load_config("tiny")
     shapes = batch_shapes(config, per_process_rows=3, tile_budget=20)
     assert shapes["input_ids"].shape == (3, config.train.max_seq_length)
-    assert shapes["pixel_values"].shape == (20, 112, 112, 3) and shapes["pixel_values"].dtype == np.uint8
+    assert shapes["pixel_values"].shape == (20, TILE, TILE, 3) and shapes["pixel_values"].dtype == np.uint8
     assert shapes["image_flags"].shape == (20,) and shapes["num_samples"].shape == (3,)
     empty = empty_batch(3, 8, 2, 4)
     check_batch(empty, TOKENS_PER_TILE, 5)

@@ -156,7 +156,7 @@ def test_red_circle_is_in_the_answered_quadrant(dataset):
     assert checked >= 4
 
 
-def test_word_is_rendered_large(dataset):
+def test_word_is_centred_and_large(dataset):
     out, _ = dataset
     for row in read_jsonl(out / "train.jsonl"):
         if row["question_type"] != "word":
@@ -164,9 +164,11 @@ def test_word_is_rendered_large(dataset):
         with Image.open(out / "images" / row["image"]) as image:
             gray = np.asarray(image.convert("L"))
         ys, xs = np.nonzero(gray < 160)
-        # The word spans about 85 % of the width or 70 % of the height, less one scale step.
-        assert (xs.max() - xs.min() + 1 >= 0.4 * row["width"]
-                or ys.max() - ys.min() + 1 >= 0.3 * row["height"]), row["id"]
+        # The glyph box spans 90 % of the width or 80 % of the height; the ink starts a few pixels in.
+        assert (xs.max() - xs.min() + 1 >= 0.8 * row["width"]
+                or ys.max() - ys.min() + 1 >= 0.6 * row["height"]), row["id"]
+        assert abs((xs.max() + xs.min()) / 2 - row["width"] / 2) <= 0.1 * row["width"], row["id"]
+        assert abs((ys.max() + ys.min()) / 2 - row["height"] / 2) <= 0.15 * row["height"], row["id"]
 
 
 @pytest.mark.parametrize("num_objects", [1, 3, 6])
@@ -197,11 +199,20 @@ def test_default_sizes_make_tiling_matter(dataset):
     assert len({cols * rows for cols, rows in grids}) >= 4
 
 
+@pytest.mark.parametrize("max_aspect", [1.0, 2.0])
+def test_max_aspect_bounds_the_sides(max_aspect):
+    for seed in range(200):
+        width, height = synthetic._sample_size(np.random.default_rng(seed), 64, 224, max_aspect)
+        assert max(width, height) / min(width, height) <= max_aspect * 1.02, (seed, width, height)
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError):
         synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, image_sizes=(40, 100))
     with pytest.raises(ValueError):
         synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=-1)
+    with pytest.raises(ValueError, match="max_aspect"):
+        synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, max_aspect=0.5)
 
 
 def test_command_line(tmp_path):
