@@ -17,8 +17,8 @@ def test_demo_quick(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "blank-image control" in out
     # The eval command the demo prints runs on the exported model with the demo's settings. On the
-    # full demo it scored 32.92, the demo's own n-weighted mean; on this 3-step model 2 of 24 answers
-    # differ (not examined), so the score is not compared here.
+    # full demo (before the 56-px tiles) it scored 32.92, the demo's own n-weighted mean; on this
+    # 3-step model 2 of 24 answers differed (not examined), so the score is not compared here.
     command = next(line for line in out.splitlines() if "python -m internvl_jax.eval" in line)
     assert eval_main(shlex.split(command)[3:]) == 0
     settings = json.loads((tmp_path / "eval" / "test_qa" / "results.json").read_text())["settings"]["options"]
