@@ -123,8 +123,9 @@ def _regular_polygon(x, y, radius, sides, start_degrees, inner_ratio=None):
     return points
 
 
-def _cross(x, y, r, arm, reach):
-    """A plus sign: two bars `2·arm` wide reaching `reach` from the centre (corners inside radius r)."""
+def _cross(x, y, r):
+    """A plus sign: two bars 0.72·r wide reaching 0.95·r from the centre (corners inside radius r)."""
+    arm, reach = 0.36 * r, 0.95 * r
     outline = [(-arm, -reach), (arm, -reach), (arm, -arm), (reach, -arm), (reach, arm), (arm, arm),
                (arm, reach), (-arm, reach), (-arm, arm), (-reach, arm), (-reach, -arm), (-arm, -arm)]
     return [(x + dx, y + dy) for dx, dy in outline]
@@ -135,7 +136,7 @@ _POLYGONS = {
     "square": lambda x, y, r: _regular_polygon(x, y, r, 4, 45),
     "triangle": lambda x, y, r: _regular_polygon(x, y, r, 3, -90),
     "diamond": lambda x, y, r: [(x, y - r), (x + 0.7 * r, y), (x, y + r), (x - 0.7 * r, y)],
-    "cross": lambda x, y, r: _cross(x, y, r, arm=0.36 * r, reach=0.95 * r),
+    "cross": _cross,
     "star": lambda x, y, r: _regular_polygon(x, y, r, 5, -90, inner_ratio=0.45),
 }
 
