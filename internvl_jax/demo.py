@@ -35,7 +35,8 @@ class Schedule:
 
     One tile per image: with 2 tiles + thumbnail (three times the image tokens per sample) the same
     run named counts at 17.5% against 52.5% with one. Images at most 2:1, so the tile keeps shapes
-    recognisable."""
+    recognisable. Stage 2 peaks at 1e-3: at 2e-3 the same run ended at shape 27.5%, count 37.5% and
+    arithmetic 45% (47.5%, 65% and 95% at 1e-3); 5e-4 learned words far less (7.5% against 20%)."""
     train_samples: int = 6000
     test_samples: int = 240
     stage1_steps: int = 100
@@ -49,7 +50,7 @@ class Schedule:
     max_tiles: int = 1
     questions_per_image: int = 3
     stage1_lr: float = 2e-3
-    stage2_lr: float = 2e-3
+    stage2_lr: float = 1e-3
     stage2_warmup: int = 30
     lr_multipliers: str = ""
 
