@@ -206,6 +206,18 @@ def test_max_aspect_bounds_the_sides(max_aspect):
         assert max(width, height) / min(width, height) <= max_aspect * 1.02, (seed, width, height)
 
 
+def test_type_weights_repeat_a_type_in_the_training_split_only(tmp_path):
+    default = [qtype.name for qtype in synthetic._type_schedule(3, 0, 12)]
+    assert sorted(default[:6]) == sorted(default[6:]) == sorted(TYPE_NAMES)  # unweighted: one each per block
+    weighted = [qtype.name for qtype in synthetic._type_schedule(3, 0, 16, {"word": 3})]
+    assert weighted.count("word") == 6 and all(weighted.count(name) == 2 for name in TYPE_NAMES - {"word"})
+    synthetic.write_synthetic_vqa(tmp_path, 16, 6, seed=3, image_sizes=SMALL_SIZES, train_type_weights={"word": 3})
+    meta = json.loads((tmp_path / "synthetic_meta.json").read_text())
+    assert meta["splits"]["train"]["per_type"]["word"] == 6
+    assert set(meta["splits"]["test"]["per_type"].values()) == {1}
+    assert meta["train_type_weights"] == {name: 3 if name == "word" else 1 for name in meta["question_types"]}
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError):
         synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, image_sizes=(40, 100))
@@ -213,13 +225,19 @@ def test_invalid_arguments(tmp_path):
         synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=-1)
     with pytest.raises(ValueError, match="max_aspect"):
         synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, max_aspect=0.5)
+    with pytest.raises(ValueError, match="unknown question type 'words'"):
+        synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, train_type_weights={"words": 3})
+    with pytest.raises(ValueError, match="'word' must be an int >= 1"):
+        synthetic.write_synthetic_vqa(tmp_path, 1, 1, seed=0, train_type_weights={"word": 0})
 
 
 def test_command_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "internvl_jax.data.synthetic", "--out", str(tmp_path / "cli"),
-         "--train", "7", "--test", "6", "--seed", "1", "--min-size", "64", "--max-size", "128"],
+         "--train", "7", "--test", "6", "--seed", "1", "--min-size", "64", "--max-size", "128",
+         "--train-type-weights", "word=2"],
         capture_output=True, text=True, check=True, timeout=60)
     meta_path = pathlib.Path(result.stdout.strip())
     assert meta_path == (tmp_path / "cli" / "meta_train.json").resolve()
     assert len(read_jsonl(tmp_path / "cli" / "test.jsonl")) == 6
+    assert json.loads((tmp_path / "cli" / "synthetic_meta.json").read_text())["train_type_weights"]["word"] == 2

@@ -311,13 +311,16 @@ QUESTION_TYPES = (
 _QUESTIONS = {qtype.name: qtype.question for qtype in QUESTION_TYPES if qtype.has_image}
 
 
-def _type_schedule(seed: int, split_code: int, num_samples: int) -> list[QuestionType]:
-    """Question type per sample: each block of len(QUESTION_TYPES) samples is a permutation,
-    so every type appears once the split has that many samples."""
+def _type_schedule(seed: int, split_code: int, num_samples: int,
+                   type_weights: dict[str, int] | None = None) -> list[QuestionType]:
+    """Question type per sample: each block holds every type `type_weights[name]` times (1 by
+    default) in a random order, so every type appears once the split has a block's worth."""
+    weights = type_weights or {}
+    block_types = [qtype for qtype in QUESTION_TYPES for _ in range(weights.get(qtype.name, 1))]
     schedule = []
-    for block in range(math.ceil(num_samples / len(QUESTION_TYPES))):
-        order = np.random.default_rng([seed, split_code, 1, block]).permutation(len(QUESTION_TYPES))
-        schedule.extend(QUESTION_TYPES[i] for i in order)
+    for block in range(math.ceil(num_samples / len(block_types))):
+        order = np.random.default_rng([seed, split_code, 1, block]).permutation(len(block_types))
+        schedule.extend(block_types[i] for i in order)
     return schedule[:num_samples]
 
 
@@ -339,7 +342,8 @@ def _follow_ups(sample: Sample, count: int, rng: np.random.Generator) -> list[di
 
 
 def _write_split(out_dir: pathlib.Path, split: str, num_samples: int, seed: int,
-                 image_sizes: tuple[int, int], max_aspect: float, questions_per_image: int = 1) -> dict[str, int]:
+                 image_sizes: tuple[int, int], max_aspect: float, questions_per_image: int = 1,
+                 type_weights: dict[str, int] | None = None) -> dict[str, int]:
     """Write images, `{split}.jsonl` and `{split}_qa.jsonl`; returns the number of samples per
     question type (of each row's first question)."""
     split_code = SPLITS.index(split)
@@ -348,7 +352,7 @@ def _write_split(out_dir: pathlib.Path, split: str, num_samples: int, seed: int,
     per_type = {qtype.name: 0 for qtype in QUESTION_TYPES}
     with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as annotation, \
             open(out_dir / f"{split}_qa.jsonl", "w", encoding="utf-8") as questions:
-        for index, qtype in enumerate(_type_schedule(seed, split_code, num_samples)):
+        for index, qtype in enumerate(_type_schedule(seed, split_code, num_samples, type_weights)):
             rng = np.random.default_rng([seed, split_code, 0, index])
             width, height = _sample_size(rng, *image_sizes, max_aspect)
             sample = qtype.make(rng, width, height)
@@ -379,7 +383,8 @@ def _write_json(path: pathlib.Path, content) -> None:
 def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
                         image_sizes: tuple[int, int] = DEFAULT_IMAGE_SIZES,
                         max_aspect: float = DEFAULT_MAX_ASPECT,
-                        train_questions_per_image: int = 1) -> pathlib.Path:
+                        train_questions_per_image: int = 1,
+                        train_type_weights: dict[str, int] | None = None) -> pathlib.Path:
     """Generate the data set under out_dir; returns the path of the training meta file.
 
     Args:
@@ -393,6 +398,10 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
         minus one others the same image answers (a shape scene also answers colour and count; the
         position scene, count) as later turns. More supervision per image at little cost. Test rows
         always ask one question, so accuracy stays per type.
+      train_type_weights: {question type: images of that type per block of the training split}
+        (1 for a type not named; each at least 1). With follow-ups a scene image answers three
+        questions and a word image one, so `{"word": 3}` asks each as often as shape or colour.
+        The test split keeps every type equally often.
 
     Returns:
       `out_dir/meta_train.json`; the test split is described by `meta_test.json` beside it, and
@@ -408,13 +417,19 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
         raise ValueError("seed and sample counts must be non-negative")
     if train_questions_per_image < 1:
         raise ValueError(f"train_questions_per_image must be >= 1, got {train_questions_per_image}")
+    names = [qtype.name for qtype in QUESTION_TYPES]
+    for name, weight in (train_type_weights or {}).items():
+        if name not in names:
+            raise ValueError(f"train_type_weights: unknown question type '{name}' (types: {', '.join(names)})")
+        if not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"train_type_weights: '{name}' must be an int >= 1, got {weight!r}")
     out_dir = pathlib.Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     splits = {}
     for split, num_samples in zip(SPLITS, (num_train, num_test)):
         per_type = _write_split(out_dir, split, num_samples, seed, (min_side, max_side), max_aspect,
-                                train_questions_per_image if split == "train" else 1)
+                                *((train_questions_per_image, train_type_weights) if split == "train" else (1, None)))
         _write_json(out_dir / f"meta_{split}.json", {
             f"synthetic_vqa_{split}": {
                 "root": str(out_dir / "images"),
@@ -433,6 +448,7 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
         "image_sizes": [min_side, max_side],
         "max_aspect": max_aspect,
         "train_questions_per_image": train_questions_per_image,
+        "train_type_weights": {name: (train_type_weights or {}).get(name, 1) for name in names},
         "question_types": {
             qtype.name: {"question": qtype.question, "answers": list(qtype.answers),
                          "chance": qtype.chance, "has_image": qtype.has_image}
@@ -457,9 +473,17 @@ def main(argv=None) -> None:
                         help="largest ratio of long to short image side")
     parser.add_argument("--train-questions", type=int, default=1,
                         help="questions per training image (later turns ask what else the image shows)")
+    parser.add_argument("--train-type-weights", default="", metavar="TYPE=N,...",
+                        help="images of a question type per block of the training split, e.g. word=3 (default 1 each)")
     args = parser.parse_args(argv)
+    weights = {}
+    for item in filter(None, args.train_type_weights.split(",")):
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            parser.error(f"--train-type-weights: '{item}' is not TYPE=N with N a whole number")
+        weights[name] = int(value)
     meta = write_synthetic_vqa(args.out, args.train, args.test, args.seed,
-                               (args.min_size, args.max_size), args.max_aspect, args.train_questions)
+                               (args.min_size, args.max_size), args.max_aspect, args.train_questions, weights)
     print(meta)
 
 
