@@ -38,7 +38,7 @@ class Schedule:
     recognisable. Stage 2 peaks at 1e-3: at 2e-3 the same run ended at shape 27.5%, count 37.5% and
     arithmetic 45% (47.5%, 65% and 95% at 1e-3). Word images three times as often as each other
     type (`word_weight`): a scene answers three questions per image and a word one, so unweighted
-    the words got a quarter of count's questions and stayed at 5-20% (80-95% in three runs at
+    the words got a quarter of count's questions and stayed at 5-20% (80-95% in four runs at
     weight 3, 65% in one at 2)."""
     train_samples: int = 6000
     test_samples: int = 240
