@@ -428,8 +428,10 @@ def write_synthetic_vqa(out_dir, num_train: int, num_test: int, seed: int,
 
     splits = {}
     for split, num_samples in zip(SPLITS, (num_train, num_test)):
+        train = split == "train"
         per_type = _write_split(out_dir, split, num_samples, seed, (min_side, max_side), max_aspect,
-                                *((train_questions_per_image, train_type_weights) if split == "train" else (1, None)))
+                                questions_per_image=train_questions_per_image if train else 1,
+                                type_weights=train_type_weights if train else None)
         _write_json(out_dir / f"meta_{split}.json", {
             f"synthetic_vqa_{split}": {
                 "root": str(out_dir / "images"),
