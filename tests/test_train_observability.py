@@ -1,5 +1,5 @@
 """What a training run reports and how it stops: in-training evaluation, profiler trace, TensorBoard
-events, SIGTERM (save, then stop) and time-based checkpoints."""
+events, SIGTERM (save, then stop), time-based checkpoints, and the host running a step ahead."""
 import json
 import os
 import pathlib
@@ -12,6 +12,7 @@ from internvl_jax.sharding import make_mesh
 from internvl_jax.train import __main__ as train_cli
 from internvl_jax.train.checkpoint import Checkpointer
 from internvl_jax.train.loop import train
+from internvl_jax.train.state import abstract_train_state
 from test_train_step import ContractBatches, small_config
 
 
@@ -66,3 +67,34 @@ def test_sigterm_saves_and_stops_and_minutes_trigger_saves(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert signal.getsignal(signal.SIGTERM) is previous_handler  # the run's handler is gone again
+
+
+def test_the_host_reads_the_next_batch_while_a_step_runs(tmp_path):
+    """Batch N+1 is read before step N's metrics (so the host's work overlaps the devices'); the
+    loop waits for a step only at the first (compile time), a checkpoint and the last."""
+    config = small_config("train.total_steps=6", "train.save_every_steps=3", "train.keep_last=10")
+    ended: list[int] = []
+
+    class Recorded(ContractBatches):
+        seen: list[int] = []  # steps ended when each batch was read
+
+        def __next__(self):
+            self.seen.append(len(ended))
+            return super().__next__()
+
+    data, mesh = Recorded(config, 4), make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    train(config, tmp_path, data, mesh=mesh, on_step_end=ended.append)
+    # Batch 1 before anything; batch 2 while step 1 runs; step 2's metrics are read only after
+    # batch 4 is read; step 3 (checkpoint) waits; batches 5 and 6 are read before step 4 ends.
+    assert data.seen == [0, 0, 1, 1, 3, 3]
+    assert ended == [1, 2, 3, 4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    checkpointer = Checkpointer(tmp_path / "checkpoints", config)
+    try:
+        assert checkpointer.all_steps() == [3, 6]
+        # The data position saved with step 3 is after step 3's batch, not the one read ahead.
+        _, target = abstract_train_state(config, 6, mesh)
+        assert checkpointer.restore(3, target)[1] == {"position": 12}
+    finally:
+        checkpointer.close()

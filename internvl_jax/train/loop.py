@@ -3,9 +3,15 @@
 The data source is any iterator of per-process micro-batches (the batch contract of
 `internvl_jax.train.step`) with `get_state() -> dict` / `set_state(dict)`; `num_samples` (global
 sample count of one epoch) is needed only when `train.total_steps` is 0.
+
+The loop runs one step ahead of the host: step N+1's batch is read and sent, and step N-1's
+metrics are read, checked and logged, while the devices run step N (jax dispatch is asynchronous).
+It waits for a step only where the state after it is needed (checkpoint, evaluation, stop, the
+last step) or to time compilation (the first step).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -135,6 +141,15 @@ class ProfileWindow:
             self._active = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step sent to the devices; `metrics` are device arrays until the host reads them."""
+    step: int
+    metrics: dict[str, jax.Array]
+    local: dict[str, np.ndarray]  # this process's batch (for FLOPs and the batch-size check)
+    data_state: dict  # the data position after this step's batch
+
+
 def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, mesh: jax.sharding.Mesh | None = None,
           on_step_end: Callable[[int], None] | None = None, evaluator: Any = None) -> TrainState:
     """Trains to `total_steps`, resuming from the latest checkpoint in `workdir` if any.
@@ -157,33 +172,64 @@ def train(config: Config, workdir: str | pathlib.Path, data: DataIterator, *, me
                         state_shardings(target, mesh), mesh)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
     log, guard, profile = MetricLog(workdir, start, total), PreemptionGuard(), ProfileWindow(config, workdir)
+
+    def fetch() -> tuple[dict[str, np.ndarray], dict[str, jax.Array], dict]:
+        """The next step's per-process batch, its global arrays, and the data position after it."""
+        local = stack_micro_batches([next(data) for _ in range(config.train.grad_accum_steps)])
+        return local, device_batch(local, mesh), data.get_state()
+
+    def finish(done: _Dispatched, since: float, evaluated_model: nnx.Module | None = None) -> float:
+        """Reads `done`'s metrics (waiting for its step), checks them, evaluates `evaluated_model`
+        (the state after `done`) when given, and logs; returns the time of the read. `since`: the
+        previous read, or the loop's start."""
+        metrics = _host_metrics(done.metrics)
+        read = time.perf_counter()
+        seconds = read - since
+        if done.step == start + 1:  # the first call compiled the step
+            _check_batch_size(config, done.local)
+            metrics["compile_seconds"] = step_fn.compile_seconds
+            seconds = max(seconds - step_fn.compile_seconds, 1e-9)
+        metrics.update(_throughput(config, done.local, metrics, seconds, peak))
+        profile.after(done.step)
+        _check(config, done.step, metrics)
+        if evaluated_model is not None:
+            began = time.perf_counter()
+            metrics.update(evaluator(done.step, evaluated_model))
+            metrics["eval_seconds"] = time.perf_counter() - began
+        log.write(done.step, metrics)
+        return read
+
     try:
+        clock = time.perf_counter()
+        pending: _Dispatched | None = None
+        if start < total:
+            local, batch, data_state = fetch()
         for step in range(start + 1, total + 1):
             profile.before(step)
-            began = time.perf_counter()
-            local = stack_micro_batches([next(data) for _ in range(config.train.grad_accum_steps)])
-            state, metrics = step_fn(state, device_batch(local, mesh))
-            metrics = _host_metrics(metrics)
-            seconds = time.perf_counter() - began
-            if step == start + 1:  # the first call compiled the step
-                _check_batch_size(config, local)
-                metrics["compile_seconds"] = step_fn.compile_seconds
-                seconds = max(seconds - step_fn.compile_seconds, 1e-9)
-            metrics.update(_throughput(config, local, metrics, seconds, peak))
-            profile.after(step)
-            _check(config, step, metrics)
-            if evaluator is not None and evaluator.due(step, total):
-                began = time.perf_counter()
-                metrics.update(evaluator(step, nnx.merge(graphdef, state).model))
-                metrics["eval_seconds"] = time.perf_counter() - began
-            log.write(step, metrics)
+            state, metrics = step_fn(state, batch)
+            current = _Dispatched(step, metrics, local, data_state)
+            if step < total:  # read and sent while the devices run this step
+                local, batch, data_state = fetch()
+            if pending is not None:
+                clock = finish(pending, clock)
+                if on_step_end is not None:
+                    on_step_end(pending.step)
             stop = guard.should_stop(step)
-            if checkpointer.due(step) or stop or step == total:
-                checkpointer.save(step, state, data.get_state())
+            save = checkpointer.due(step) or stop or step == total
+            evaluate = evaluator is not None and evaluator.due(step, total)
+            if not (save or evaluate or step == start + 1):
+                pending = current  # its metrics are read after the next step is dispatched
+                continue
+            # The state after this step is needed (or the step is the first): wait for it here.
+            finish(current, clock, nnx.merge(graphdef, state).model if evaluate else None)
+            pending = None
+            if save:
+                checkpointer.save(step, state, current.data_state)
             if on_step_end is not None:
                 on_step_end(step)
             if stop:
                 break
+            clock = time.perf_counter()  # evaluation and save times stay out of the next step's
     finally:
         profile.close()
         checkpointer.close()
