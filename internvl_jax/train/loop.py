@@ -4,10 +4,12 @@ The data source is any iterator of per-process micro-batches (the batch contract
 `internvl_jax.train.step`) with `get_state() -> dict` / `set_state(dict)`; `num_samples` (global
 sample count of one epoch) is needed only when `train.total_steps` is 0.
 
-The loop runs one step ahead of the host: step N+1's batch is read and sent, and step N-1's
-metrics are read, checked and logged, while the devices run step N (jax dispatch is asynchronous).
-It waits for a step only where the state after it is needed (checkpoint, evaluation, stop, the
-last step) or to time compilation (the first step).
+The host stays one step ahead of the devices: step N+1's batch is read and sent (one batch more
+held in device memory), and step N-1's metrics are read, checked and logged, while the devices run
+step N (jax dispatch is asynchronous). The host waits for a step only where the state after it is
+needed (checkpoint, evaluation, stop, the last step) or to time compilation (the first step). With
+several processes, the per-step stop agreement waits for step N too, but only after step N+1's
+batch is ready, so the devices idle just for that collective.
 """
 from __future__ import annotations
 
