@@ -290,21 +290,19 @@ def make_arithmetic(rng, width, height) -> Sample:
     return Sample(None, str(total), {"first": first, "second": total - first})
 
 
+# Short questions: every token costs training time, and the model learns only from the answers.
+# With full sentences ("What shape is the largest object in the image? Answer with one word.", 16
+# tokens) a `make demo` step held 22 samples, with these 30; in the same training time shape went
+# from 43% to 59%, count from 68% to 80% and arithmetic from 83% to 95% (README).
 QUESTION_TYPES = (
-    QuestionType("shape", "What shape is the largest object in the image? Answer with one word.",
-                 SHAPES, make_shape),
-    QuestionType("colour",
-                 "What colour is the largest object in the image? Answer with one word.",
-                 tuple(COLOURS), make_colour),
-    QuestionType("count", "How many shapes are there in the image? Answer with a number.",
-                 tuple(str(n) for n in range(1, MAX_COUNT + 1)), make_count),
-    QuestionType("position", "Where is the red circle in the image? Answer with top-left, "
-                 "top-right, bottom-left or bottom-right.", QUADRANTS, make_position),
-    QuestionType("word", "What word is written in the image? Answer with the word.",
-                 WORDS, make_word),
-    QuestionType("arithmetic", "What is {first} + {second}? Answer with a number.",
-                 tuple(str(n) for n in range(2 * MAX_ADDEND + 1)), make_arithmetic,
-                 has_image=False),
+    QuestionType("shape", "Shape of the largest object?", SHAPES, make_shape),
+    QuestionType("colour", "Colour of the largest object?", tuple(COLOURS), make_colour),
+    QuestionType("count", "How many shapes?", tuple(str(n) for n in range(1, MAX_COUNT + 1)), make_count),
+    QuestionType("position", "Red circle: top-left, top-right, bottom-left or bottom-right?", QUADRANTS,
+                 make_position),
+    QuestionType("word", "Which word is written?", WORDS, make_word),
+    QuestionType("arithmetic", "What is {first} + {second}?", tuple(str(n) for n in range(2 * MAX_ADDEND + 1)),
+                 make_arithmetic, has_image=False),
 )
 
 
